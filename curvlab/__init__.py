@@ -1,0 +1,29 @@
+"""curvlab: composable second-order optimization for PyTorch.
+
+Any (estimator, rule, scaling) triple from the registry is a ``torch.optim.Optimizer``::
+
+    import curvlab
+    opt = curvlab.optimizer(model, estimator="kfac", rule="natural", lr=0.1, damping=1e-3)
+    for x, y in loader:
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()
+"""
+from .adapters import LayerAdapter, UnsupportedLayer
+from .curvature import Curvature, Estimator
+from .linalg import FactorizationError
+from .optim import CurvlabOptimizer, optimizer
+from .registry import (ADAPTERS, ESTIMATORS, RULES, SCALINGS, describe, load_plugins, register_adapter,
+                       register_estimator, register_rule, register_scaling)
+from .rules import Plan, UpdateRule
+from .scalings import Parameterization
+from .units import Unit
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "optimizer", "CurvlabOptimizer", "Estimator", "Curvature", "UpdateRule", "Plan", "Parameterization",
+    "LayerAdapter", "Unit", "UnsupportedLayer", "FactorizationError",
+    "register_estimator", "register_rule", "register_scaling", "register_adapter", "load_plugins", "describe",
+    "ESTIMATORS", "RULES", "SCALINGS", "ADAPTERS",
+]

@@ -1,8 +1,29 @@
-"""Hook-based capture backend (placeholder: filled in by the core)."""
+"""Hook capture backend: layer inputs and output gradients from the user's own forward and backward.
+
+The user's loop stays the plain one (forward, ``loss.backward()``, ``opt.step()``) for every Fisher type:
+
+* a forward hook on every tracked layer keeps its input ``x`` (detached) and its output ``s``;
+* a forward hook on the model keeps the output ``f`` and, on statistics steps, registers
+  - for ``fisher="empirical"`` (and rules that need real per-example gradients): a tensor hook on each
+    ``s`` that stores ``N * grad_output`` (pitfall P0: the gradient of a MEAN loss carries ``1/N``);
+  - for ``fisher="mc"``/``"type2"``: a tensor hook on ``f``. It fires inside ``loss.backward()`` before the
+    graph below ``f`` is freed and back-propagates the vectors of :func:`curvlab.losses.output_vectors`
+    with a re-entrant ``torch.autograd.grad(f, s, v, retain_graph=True)``; the real gradient is untouched.
+
+Only forward passes that are back-propagated count: a record left without gradients (an evaluation
+forward with grad enabled, say) is dropped at the next step. Several back-propagated forwards between
+two steps (gradient accumulation) are pooled.
+"""
 from __future__ import annotations
 
 import contextlib
 import threading
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .losses import output_vectors
 
 _state = threading.local()
 
@@ -20,3 +41,147 @@ def paused():
         yield
     finally:
         _state.depth -= 1
+
+
+@dataclass
+class LayerRecord:
+    """What one forward/backward of one layer left behind."""
+
+    inputs: torch.Tensor                       # layer input x (detached)
+    output: torch.Tensor | None                # layer output s (graph kept until the backward used it)
+    version: int
+    batch_size: int = 0                        # N of the loss this forward fed
+    real_grad: torch.Tensor | None = None      # N * dL/ds, per-example scale
+    fisher_grads: list[tuple[torch.Tensor, float]] = field(default_factory=list)
+
+
+@dataclass
+class LayerStats:
+    """Pooled records of one layer since the last step: what estimators consume."""
+
+    records: list[LayerRecord]
+
+    @property
+    def batch_size(self) -> int:
+        return sum(r.batch_size for r in self.records)
+
+
+class HookCapture:
+    """Registers the hooks on ``model`` and hands pooled :class:`LayerStats` to the optimizer."""
+
+    def __init__(self, model: nn.Module, layers: dict[str, nn.Module], *, loss: str, fisher: str,
+                 mc_samples: int, want_inputs: bool, want_fisher_grads: bool, want_real_grads: bool,
+                 is_stat_step, seed: int = 0) -> None:
+        self.model, self.layers = model, layers
+        self.loss, self.fisher, self.mc_samples = loss, fisher, mc_samples
+        self.want_inputs = want_inputs or want_fisher_grads or want_real_grads
+        self.want_fisher_grads, self.want_real_grads = want_fisher_grads, want_real_grads
+        self.is_stat_step = is_stat_step
+        self.seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self._pending: dict[str, LayerRecord] = {}
+        self._records: dict[str, list[LayerRecord]] = {name: [] for name in layers}
+        self._busy = False
+        self._handles = []
+        if self.want_inputs:
+            for name, module in layers.items():
+                self._handles.append(module.register_forward_hook(self._layer_hook(name)))
+            self._handles.append(model.register_forward_hook(self._model_hook))
+
+    # -- hooks -----------------------------------------------------------------------------------------
+    def _active(self) -> bool:
+        return torch.is_grad_enabled() and not is_paused() and not self._busy and self.is_stat_step()
+
+    def _layer_hook(self, name: str):
+        def hook(module, inputs, output):
+            if not self._active() or not isinstance(output, torch.Tensor) or not output.requires_grad:
+                return
+            self._pending[name] = LayerRecord(inputs[0].detach(), output, output._version)
+        return hook
+
+    def _model_hook(self, module, inputs, out):
+        pending, self._pending = self._pending, {}
+        if not pending or not self._active():
+            return
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(
+                f"curvlab needs the model to return one tensor (the input of the loss); got {type(out).__name__}"
+            )
+        for name, rec in pending.items():
+            rec.batch_size = out.shape[0]
+            self._records[name].append(rec)
+            if self.want_real_grads:
+                rec.output.register_hook(self._real_grad_hook(rec))
+        if self.want_fisher_grads:
+            out.register_hook(self._fisher_hook(out, list(pending.items())))
+        else:
+            for rec in pending.values():
+                if not self.want_real_grads:
+                    rec.output = None
+
+    def _real_grad_hook(self, rec: LayerRecord):
+        def hook(grad):
+            if not self._busy:
+                rec.real_grad = grad.detach() * rec.batch_size
+        return hook
+
+    def _fisher_hook(self, out: torch.Tensor, named: list[tuple[str, LayerRecord]]):
+        def hook(grad):
+            if self._busy:
+                return None
+            for name, rec in named:
+                if rec.output._version != rec.version:
+                    raise RuntimeError(
+                        f"the output of layer {name!r} was modified in place after the layer ran (e.g. by "
+                        "nn.ReLU(inplace=True)); curvlab needs it intact to back-propagate sampled labels. "
+                        "Use the activation with inplace=False."
+                    )
+            outputs = [rec.output for _, rec in named]
+            self._busy = True
+            try:
+                for vec, weight in output_vectors(self.loss, self.fisher, out, self.mc_samples,
+                                                  self._generator(out.device)):
+                    grads = torch.autograd.grad(out, outputs, grad_outputs=vec, retain_graph=True,
+                                                allow_unused=True)
+                    for (_, rec), g in zip(named, grads):
+                        if g is not None:
+                            rec.fisher_grads.append((g.detach(), weight))
+            finally:
+                self._busy = False
+                if not self.want_real_grads:
+                    for _, rec in named:
+                        rec.output = None
+            return None
+        return hook
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generators[device]
+
+    # -- consumer side ---------------------------------------------------------------------------------
+    def pop(self, name: str) -> LayerStats | None:
+        """Records of ``name`` whose backward ran since the last call (``None`` if there are none)."""
+        records = self._records[name]
+        self._records[name] = []
+        done = [r for r in records if r.real_grad is not None or r.fisher_grads]
+        for r in done:
+            r.output = None
+        return LayerStats(done) if done else None
+
+    def clear(self) -> None:
+        self._pending = {}
+        for name in self._records:
+            self._records[name] = []
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def state_dict(self) -> dict:
+        return {"generators": {str(d): g.get_state() for d, g in self._generators.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        for dev, gstate in state.get("generators", {}).items():
+            self._generator(torch.device(dev)).set_state(gstate)

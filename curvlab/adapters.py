@@ -1,0 +1,140 @@
+"""Layer adapters: how a module's parameters are seen as one matrix, and how its inputs and output
+gradients become the rows that curvature statistics are built from.
+
+Matrix view (ALGORITHMS.md section 0): a layer computes ``s = W a + b``; its parameters are viewed as
+``Wbar = [W | b]`` of shape ``(d_out, d_in + 1)`` (bias in the LAST column, the homogeneous coordinate of
+``abar = [a; 1]``); without bias ``Wbar = W``. Conv2d (KFC, Grosse & Martens 2016, eq. C.1) uses the same
+view with ``W`` reshaped to ``(c_out, c_in * k_h * k_w)`` and ``a`` the im2col patches of every output
+location, so a conv layer contributes ``T = H_out * W_out`` rows per example.
+
+Row layout returned to estimators:
+
+* ``input_rows(module, x)``  -> ``(N, T, d_in [+1])``  homogeneous inputs (patches) per example and location
+* ``output_rows(module, g)`` -> ``(N, T, d_out)``      output gradients per example and location
+
+Parameter order: ``Wbar`` is flattened row-major; :meth:`LayerAdapter.param_order` gives the permutation
+from that order to ``torch.cat([p.reshape(-1) for p in module.parameters(recurse=False)])`` (weight first,
+then bias), the order of :meth:`curvlab.CurvlabOptimizer.blocks`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .registry import ADAPTERS, register_adapter
+
+
+class UnsupportedLayer(ValueError):
+    """A module a layer adapter cannot handle (the message names the layer and the remedy)."""
+
+
+class LayerAdapter:
+    """Base class. Subclasses set ``module_types`` and implement the row and matrix conversions."""
+
+    module_types: tuple[type[nn.Module], ...] = ()
+
+    # -- claiming --------------------------------------------------------------------------------------
+    def unsupported_reason(self, module: nn.Module) -> str | None:
+        """``None`` if this adapter can precondition ``module``, otherwise why not."""
+        return None
+
+    @staticmethod
+    def has_bias(module: nn.Module) -> bool:
+        return getattr(module, "bias", None) is not None
+
+    def params(self, module: nn.Module) -> list[nn.Parameter]:
+        return list(module.parameters(recurse=False))
+
+    # -- matrix view -----------------------------------------------------------------------------------
+    def shape(self, module: nn.Module) -> tuple[int, int]:
+        """``(d_out, d_in + has_bias)`` of the matrix view."""
+        w = module.weight
+        return w.shape[0], w[0].numel() + int(self.has_bias(module))
+
+    def to_matrix(self, module: nn.Module, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """Stack per-parameter tensors (weight-shaped, bias-shaped) into the ``(d_out, d_in[+1])`` view."""
+        w = tensors[0].reshape(tensors[0].shape[0], -1)
+        if self.has_bias(module):
+            return torch.cat([w, tensors[1].reshape(-1, 1)], dim=1)
+        return w
+
+    def from_matrix(self, module: nn.Module, mat: torch.Tensor) -> list[torch.Tensor]:
+        """Inverse of :meth:`to_matrix`: tensors shaped like ``module.parameters(recurse=False)``."""
+        w = module.weight
+        if self.has_bias(module):
+            return [mat[:, :-1].reshape(w.shape), mat[:, -1].reshape(module.bias.shape)]
+        return [mat.reshape(w.shape)]
+
+    def param_order(self, module: nn.Module) -> torch.Tensor:
+        """Index ``idx`` with ``param_vector = wbar.reshape(-1)[idx]`` (weight entries, then bias)."""
+        d_out, cols = self.shape(module)
+        grid = torch.arange(d_out * cols).reshape(d_out, cols)
+        if self.has_bias(module):
+            return torch.cat([grid[:, :-1].reshape(-1), grid[:, -1]])
+        return grid.reshape(-1)
+
+    # -- statistics rows -------------------------------------------------------------------------------
+    def input_rows(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def output_rows(self, module: nn.Module, g: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _homogeneous(self, module: nn.Module, rows: torch.Tensor) -> torch.Tensor:
+        if not self.has_bias(module):
+            return rows
+        return torch.cat([rows, rows.new_ones(rows.shape[:-1] + (1,))], dim=-1)
+
+
+@register_adapter("linear")
+class LinearAdapter(LayerAdapter):
+    """nn.Linear: ``Wbar = [W | b]``; inputs of shape (N, ..., d_in) give one row per leading index."""
+
+    module_types = (nn.Linear,)
+
+    def input_rows(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return self._homogeneous(module, x.reshape(x.shape[0], -1, x.shape[-1]))
+
+    def output_rows(self, module: nn.Module, g: torch.Tensor) -> torch.Tensor:
+        return g.reshape(g.shape[0], -1, g.shape[-1])
+
+
+@register_adapter("conv2d")
+class Conv2dAdapter(LayerAdapter):
+    """nn.Conv2d (KFC): im2col patches (zero padding included) as inputs, one row per output location."""
+
+    module_types = (nn.Conv2d,)
+
+    def unsupported_reason(self, module: nn.Module) -> str | None:
+        if module.groups != 1:
+            return f"grouped convolution (groups={module.groups}) is not supported by the Conv2d adapter"
+        if module.padding_mode != "zeros":
+            return f"padding_mode={module.padding_mode!r} is not supported (only 'zeros')"
+        if isinstance(module.padding, str):
+            return f"padding={module.padding!r} given as a string is not supported; give it as integers"
+        return None
+
+    def input_rows(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        patches = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding,
+                           stride=module.stride)                      # (N, c_in k_h k_w, T)
+        return self._homogeneous(module, patches.transpose(1, 2))
+
+    def output_rows(self, module: nn.Module, g: torch.Tensor) -> torch.Tensor:
+        return g.flatten(2).transpose(1, 2)                           # (N, T, c_out)
+
+
+def find_adapter(module: nn.Module) -> tuple[LayerAdapter | None, str | None]:
+    """The adapter claiming ``module`` (most specific registered type wins), or ``(None, reason)``."""
+    best: tuple[int, type] | None = None
+    for _, cls in ADAPTERS.items():
+        for mtype in cls.module_types:
+            if isinstance(module, mtype):
+                depth = type(module).__mro__.index(mtype)
+                if best is None or depth < best[0]:
+                    best = (depth, cls)
+    if best is None:
+        return None, f"no layer adapter is registered for {type(module).__name__}"
+    adapter = best[1]()
+    reason = adapter.unsupported_reason(module)
+    return (None, reason) if reason else (adapter, None)

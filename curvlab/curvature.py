@@ -1,0 +1,107 @@
+"""The estimator seam: an :class:`Estimator` builds one :class:`Curvature` per preconditioned layer.
+
+A ``Curvature`` works on the layer's gradient in its adapter's matrix view ``(d_out, d_in[+1])``
+(:mod:`curvlab.adapters`) and provides (DESIGN.md, "Estimators"):
+
+* ``statistics(stats)``       -- this step's statistics from the captured records (pure: no state change);
+* ``accumulate(new, ema_decay)`` -- fold them into the running estimate (``S <- xi S + (1 - xi) S_new``;
+  the first update takes ``S_new`` as is). The optimizer checks ``new`` for NaN/Inf in between, for
+  every layer, so a bad batch never reaches any curvature state;
+* ``refresh(damping)``          -- recompute inverses / roots; damping enters here only, never the statistics;
+* ``solve(V)``                  -- the damped inverse times ``V`` (``(C + lambda)^-1 V`` or the estimator's
+  equivalent);
+* ``mv(V)``                     -- the UNDAMPED product ``C V`` (FOP needs it);
+* ``dense()``                   -- ``C`` as a dense matrix in the order of
+  ``torch.cat([p.reshape(-1) for p in module.parameters(recurse=False)])`` (for checks on small layers);
+* ``state_dict()`` / ``load_state_dict()``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapters import LayerAdapter
+from .capture import LayerStats
+from .hyper import Option
+from .linalg import NumericsEvent
+
+
+class Curvature:
+    """Per-layer curvature approximation. Subclasses implement the methods listed in the module doc."""
+
+    def __init__(self, name: str, module: nn.Module, adapter: LayerAdapter, config: dict[str, Any],
+                 events: list[NumericsEvent]) -> None:
+        self.name, self.module, self.adapter, self.config = name, module, adapter, config
+        self.events = events
+        weight = module.weight
+        self.dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        self.device = weight.device
+        self.shape = adapter.shape(module)
+
+    @property
+    def ready(self) -> bool:
+        """True once the curvature can ``solve`` (statistics gathered and inverses refreshed)."""
+        return True
+
+    def statistics(self, stats: LayerStats) -> dict[str, torch.Tensor]:
+        return {}
+
+    def accumulate(self, new: dict[str, torch.Tensor], ema_decay: float) -> None:
+        pass
+
+    def refresh(self, damping: float) -> None:
+        pass
+
+    def solve(self, mat: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def mv(self, mat: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dense(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def _param_dense(self, wbar_dense: torch.Tensor) -> torch.Tensor:
+        """Reorder a dense matrix over row-major ``vec(Wbar)`` into the module's parameter order."""
+        idx = self.adapter.param_order(self.module).to(wbar_dense.device)
+        return wbar_dense[idx][:, idx]
+
+    @staticmethod
+    def ema(old: torch.Tensor | None, new: torch.Tensor, decay: float) -> torch.Tensor:
+        return new if old is None or decay == 0.0 else old.mul(decay).add_(new, alpha=1.0 - decay)
+
+
+class Estimator:
+    """Factory of per-layer curvatures. Class attributes describe what the estimator needs.
+
+    * ``options``: extra hyper-parameters (:class:`curvlab.hyper.Option`) it accepts;
+    * ``fisher_types``: the ``fisher`` values it supports;
+    * ``provides``: the operations its curvatures implement (rules check ``requires`` against it).
+    """
+
+    options: dict[str, Option] = {}
+    fisher_types: tuple[str, ...] = ("empirical", "mc", "type2")
+    provides: frozenset[str] = frozenset({"solve", "mv", "dense"})
+    curvature_class: type[Curvature] = Curvature
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+
+    def captures(self) -> set[str]:
+        """What the capture backend must record: subset of {"inputs", "fisher_grads", "real_grads"}."""
+        return set()
+
+    def create(self, name: str, module: nn.Module, adapter: LayerAdapter,
+               events: list[NumericsEvent]) -> Curvature:
+        return self.curvature_class(name, module, adapter, self.config, events)
+
+    def describe(self, adapter: LayerAdapter) -> str:
+        return f"{self.registry_name} ({type(adapter).__name__.removesuffix('Adapter')})"  # type: ignore

@@ -1,0 +1,31 @@
+"""The identity estimator: no curvature, for first-order baselines.
+
+``solve(V) = mv(V) = V`` (damping is ignored), so ``rule="natural"`` with ``estimator="identity"`` is
+exactly momentum SGD (``torch.optim.SGD`` with the same lr, momentum and weight decay).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..curvature import Curvature, Estimator
+from ..registry import register_estimator
+
+
+class IdentityCurvature(Curvature):
+    def solve(self, mat: torch.Tensor) -> torch.Tensor:
+        return mat
+
+    def mv(self, mat: torch.Tensor) -> torch.Tensor:
+        return mat
+
+    def dense(self) -> torch.Tensor:
+        n = self.shape[0] * self.shape[1]
+        return torch.eye(n, dtype=self.dtype, device=self.device)
+
+
+@register_estimator("identity")
+class Identity(Estimator):
+    """No curvature (C = I): first-order baselines; with rule='natural' it is momentum SGD."""
+
+    fisher_types = ("empirical", "mc", "type2")
+    curvature_class = IdentityCurvature

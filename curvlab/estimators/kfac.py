@@ -1,0 +1,140 @@
+"""K-FAC (Martens & Grosse, ICML 2015) and KFC for convolutions (Grosse & Martens, ICML 2016).
+
+Per layer, in the adapter's matrix view ``Wbar`` (``d_out x (d_in+1)``, flattened row-major, so the
+Kronecker order is ``G (x) A`` -- ALGORITHMS.md writes the column-major ``A (x) G``):
+
+* statistics (eq. K.3 / C.4) from ``N`` examples with ``T`` rows each (``T = 1`` for Linear on 2-D input,
+  ``T = H_out W_out`` for Conv2d)::
+
+      A = (1/N)     sum_{n,t} abar_{n,t} abar_{n,t}^T
+      G = (1/(N T)) sum_{n,t} w g_{n,t} g_{n,t}^T
+
+  with ``g`` the per-example output gradients of the chosen ``fisher`` type (pitfall P0 handled by the
+  capture backend) and ``w`` the weight of each back-propagated vector (:mod:`curvlab.losses`);
+* EMA (eq. K.4) with ``ema_decay`` as the weight of the old factors;
+* ``damping_style="pi"`` (default, eq. K.5): ``A + pi sqrt(lambda) I`` and ``G + sqrt(lambda)/pi I`` with
+  the trace-norm ``pi``, inverted by Cholesky every ``inv_interval`` steps; invariant to moving a scalar
+  between ``A`` and ``G``. Default because it is what ASDL / FOP / the muP paper use and it costs one
+  Cholesky per factor;
+* ``damping_style="exact"`` (eq. K.8): the exact inverse of ``G (x) A + lambda I`` through the
+  eigendecompositions of both factors;
+* ``solve(V) = G_d^-1 V A_d^-1`` (eq. K.6), ``mv(V) = G V A`` (undamped), ``dense() = G (x) A``.
+
+Bias is folded into ``A`` through the homogeneous coordinate (the choice for which the exactness cases of
+ALGORITHMS.md 7.2 hold); ASDL's "bias with G only" is not implemented.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ..capture import LayerStats
+from ..curvature import Curvature, Estimator
+from ..hyper import Option, one_of
+from ..linalg import add_diagonal, psd_eigh, spd_inverse
+from ..registry import register_estimator
+
+
+def trace_norm_pi(a: torch.Tensor, g: torch.Tensor) -> float:
+    """``pi = sqrt((tr(A)/dim A) / (tr(G)/dim G))`` (eq. K.5); 1 when either trace vanishes."""
+    ta = float(a.diagonal().sum()) / a.shape[0]
+    tg = float(g.diagonal().sum()) / g.shape[0]
+    if not (ta > 0 and tg > 0 and math.isfinite(ta) and math.isfinite(tg)):
+        return 1.0
+    return math.sqrt(ta / tg)
+
+
+class KroneckerCurvature(Curvature):
+    """``G (x) A`` for one Linear / Conv2d layer."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.A: torch.Tensor | None = None
+        self.G: torch.Tensor | None = None
+        self.inverses: dict[str, torch.Tensor] = {}
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.inverses)
+
+    def _output_grads(self, rec) -> list[tuple[torch.Tensor, float]]:
+        if self.config["fisher"] == "empirical":
+            return [(rec.real_grad, 1.0)] if rec.real_grad is not None else []
+        return rec.fisher_grads
+
+    def statistics(self, stats: LayerStats) -> dict[str, torch.Tensor]:
+        d_out, d_in = self.shape
+        a_sum = torch.zeros(d_in, d_in, dtype=self.dtype, device=self.device)
+        g_sum = torch.zeros(d_out, d_out, dtype=self.dtype, device=self.device)
+        n_examples = n_rows = 0
+        for rec in stats.records:
+            rows = self.adapter.input_rows(self.module, rec.inputs.to(self.dtype))
+            n, t = rows.shape[0], rows.shape[1]
+            flat = rows.reshape(-1, d_in)
+            a_sum.addmm_(flat.T, flat)
+            for g, weight in self._output_grads(rec):
+                gr = self.adapter.output_rows(self.module, g.to(self.dtype)).reshape(-1, d_out)
+                g_sum.addmm_(gr.T, gr, alpha=weight)
+            n_examples += n
+            n_rows += n * t
+        return {"A": a_sum / n_examples, "G": g_sum / n_rows}
+
+    def accumulate(self, new: dict[str, torch.Tensor], ema_decay: float) -> None:
+        self.A = self.ema(self.A, new["A"], ema_decay)
+        self.G = self.ema(self.G, new["G"], ema_decay)
+
+    def refresh(self, damping: float) -> None:
+        if self.A is None or self.G is None:
+            return
+        if self.config["damping_style"] == "exact":
+            ea, qa = psd_eigh(self.A, self.name, self.events)
+            eg, qg = psd_eigh(self.G, self.name, self.events)
+            self.inverses = {"QA": qa, "eA": ea, "QG": qg, "eG": eg,
+                             "lam": torch.tensor(damping, dtype=self.dtype)}
+            return
+        pi = trace_norm_pi(self.A, self.G)
+        root = math.sqrt(damping)
+        self.inverses = {
+            "A_inv": spd_inverse(add_diagonal(self.A, pi * root), f"{self.name} (factor A)", self.events),
+            "G_inv": spd_inverse(add_diagonal(self.G, root / pi), f"{self.name} (factor G)", self.events),
+        }
+
+    def solve(self, mat: torch.Tensor) -> torch.Tensor:
+        inv = self.inverses
+        if "A_inv" in inv:
+            return inv["G_inv"] @ mat @ inv["A_inv"]
+        qa, qg = inv["QA"], inv["QG"]
+        denom = inv["eG"].unsqueeze(1) * inv["eA"].unsqueeze(0) + inv["lam"]
+        tiny = torch.finfo(denom.dtype).tiny ** 0.5
+        return qg @ ((qg.T @ mat @ qa) / denom.clamp_min(tiny)) @ qa.T
+
+    def mv(self, mat: torch.Tensor) -> torch.Tensor:
+        return self.G @ mat @ self.A
+
+    def dense(self) -> torch.Tensor:
+        if self.A is None:
+            raise RuntimeError(f"layer {self.name!r} has no K-FAC statistics yet: run a forward/backward first")
+        return self._param_dense(torch.kron(self.G, self.A))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"A": self.A, "G": self.G, "inverses": dict(self.inverses)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.A, self.G = state["A"], state["G"]
+        self.inverses = dict(state["inverses"])
+
+
+@register_estimator("kfac")
+class KFAC(Estimator):
+    """K-FAC / KFC: Kronecker factors A (x) G per layer (Martens & Grosse 2015; Grosse & Martens 2016)."""
+
+    options = {
+        "damping_style": Option("pi", one_of("pi", "exact"),
+                                "'pi': factored pi-damping (eq. K.5); 'exact': (G (x) A + lambda I)^-1 via eigh (K.8)"),
+    }
+    curvature_class = KroneckerCurvature
+
+    def captures(self) -> set[str]:
+        return {"inputs", "real_grads" if self.config["fisher"] == "empirical" else "fisher_grads"}

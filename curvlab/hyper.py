@@ -1,0 +1,141 @@
+"""Hyper-parameters: the pinned names every estimator and rule shares, their defaults and validation.
+
+Pinned names (later estimators and rules reuse them, never rename them):
+
+=============== ========================================================================================
+``lr``           learning rate (per param group; LR schedulers act on it)
+``damping``      Tikhonov damping lambda of the curvature (per param group), ``>= 0``
+``momentum``     heavy-ball momentum mu in ``[0, 1)`` (per param group)
+``weight_decay`` L2 / decoupled weight decay, ``>= 0`` (per param group)
+``ema_decay``    weight of the OLD statistics in ``S <- xi S + (1 - xi) S_new``; 0 = current batch only
+``stat_interval`` T_cov: statistics are gathered on steps ``t % T_cov == 0``
+``inv_interval`` T_inv: inverses / roots are refreshed on steps ``t % T_inv == 0``
+``fisher``       ``"empirical"`` (real labels), ``"mc"`` (labels sampled from the model), ``"type2"``
+                 (exact loss-Hessian factorization: K-FAC's G becomes the GGN output factor)
+``loss``         ``"cross_entropy"`` or ``"mse"``: the torch losses with mean reduction the user trains on
+``kl_clip``      kappa of the KL / trust-region clip (Ba et al. 2017), ``None`` = off
+=============== ========================================================================================
+
+Components declare extra options with :class:`Option`; :func:`resolve` validates the union and raises
+``ValueError``/``TypeError`` naming the argument.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping
+
+FISHER_TYPES = ("empirical", "mc", "type2")
+LOSSES = ("cross_entropy", "mse")
+
+
+@dataclass(frozen=True)
+class Option:
+    """One named hyper-parameter: its default, a validator and whether it lives in the param groups."""
+
+    default: Any
+    check: Callable[[str, Any], Any]
+    doc: str
+    per_group: bool = False
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} ({value!r})")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return float(value)
+
+
+def non_negative(name: str, value: Any) -> float:
+    v = _number(name, value)
+    if v < 0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+    return v
+
+
+def positive(name: str, value: Any) -> float:
+    v = _number(name, value)
+    if v <= 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+    return v
+
+
+def unit_interval(name: str, value: Any) -> float:
+    v = _number(name, value)
+    if not 0.0 <= v < 1.0:
+        raise ValueError(f"{name} must lie in [0, 1), got {value!r}")
+    return v
+
+
+def positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} ({value!r})")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value!r}")
+    return value
+
+
+def optional_positive(name: str, value: Any) -> float | None:
+    return None if value is None else positive(name, value)
+
+
+def one_of(*choices: str) -> Callable[[str, Any], str]:
+    def check(name: str, value: Any) -> str:
+        if value not in choices:
+            close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.5)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}.{hint}")
+        return value
+
+    return check
+
+
+def boolean(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+COMMON: dict[str, Option] = {
+    "lr": Option(0.1, non_negative, "learning rate", per_group=True),
+    "damping": Option(1e-3, non_negative, "Tikhonov damping lambda", per_group=True),
+    "momentum": Option(0.0, unit_interval, "heavy-ball momentum", per_group=True),
+    "weight_decay": Option(0.0, non_negative, "weight decay", per_group=True),
+    "ema_decay": Option(0.95, unit_interval, "weight of the old statistics in the EMA (0 = current batch only)"),
+    "stat_interval": Option(1, positive_int, "T_cov: gather statistics every this many steps"),
+    "inv_interval": Option(10, positive_int, "T_inv: refresh inverses every this many steps"),
+    "fisher": Option("mc", one_of(*FISHER_TYPES), "which Fisher the output-side statistics estimate"),
+    "loss": Option("cross_entropy", one_of(*LOSSES), "the loss the user trains on (mean reduction)"),
+    "kl_clip": Option(None, optional_positive, "KL clip kappa (None = off)"),
+    "mc_samples": Option(1, positive_int, "labels sampled per example for fisher='mc'"),
+    "nonfinite": Option("skip", one_of("skip", "raise"),
+                        "NaN/Inf in gradients or statistics: skip the step (logged) or raise"),
+}
+
+
+def resolve(given: Mapping[str, Any], options: Mapping[str, Option]) -> dict[str, Any]:
+    """Validate ``given`` against ``options`` and fill in defaults.
+
+    Unknown names raise ``TypeError`` with a "did you mean"; bad values raise ``ValueError``/``TypeError``
+    naming the argument.
+    """
+    out: dict[str, Any] = {}
+    for key in given:
+        if key not in options:
+            close = difflib.get_close_matches(key, list(options), n=1, cutoff=0.6)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise TypeError(f"unknown hyper-parameter {key!r}.{hint} Accepted: {', '.join(sorted(options))}.")
+    for key, opt in options.items():
+        out[key] = opt.check(key, given[key]) if key in given else opt.default
+    return out
+
+
+def merge_options(*tables: Iterable[tuple[str, Option]] | Mapping[str, Option]) -> dict[str, Option]:
+    """Union of option tables; later tables override earlier defaults for the same name."""
+    merged: dict[str, Option] = {}
+    for table in tables:
+        items = table.items() if isinstance(table, Mapping) else table
+        merged.update(dict(items))
+    return merged

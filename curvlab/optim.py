@@ -1,0 +1,258 @@
+"""``curvlab.optimizer``: any (estimator, rule, scaling) triple as a real ``torch.optim.Optimizer``.
+
+One step (``opt.step()`` after the user's ``loss.backward()``), at step counter ``t``:
+
+1. gradients are checked for NaN/Inf (``nonfinite="skip"``: the step is skipped and logged; ``"raise"``);
+2. on statistics steps (``t % stat_interval == 0``) every layer's captured records become statistics,
+   which are checked for NaN/Inf for ALL layers before any curvature state changes, then EMA-folded;
+3. on refresh steps (``t % inv_interval == 0``, or when a layer's curvature is not ready yet) inverses
+   are recomputed with the current per-group ``damping`` (times the parameterization's multiplier);
+4. the rule returns a plan of updates, which is checked for NaN/Inf before anything is written.
+
+Skipped steps do not advance ``t``. Parameters that no layer adapter claims get the first-order
+fallback (their direction is their gradient, with the same lr, momentum and weight decay);
+``strict=True`` raises instead. ``coverage()`` says which parameter got what.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from . import estimators as _estimators  # noqa: F401  (register built-ins)
+from . import rules as _rules  # noqa: F401
+from . import scalings as _scalings  # noqa: F401
+from .adapters import UnsupportedLayer, find_adapter
+from .capture import HookCapture
+from .hyper import COMMON, merge_options, resolve
+from .linalg import NumericsEvent
+from .registry import ESTIMATORS, RULES, SCALINGS
+from .units import Unit
+
+log = logging.getLogger("curvlab")
+
+
+def _finite(tensors) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+class CurvlabOptimizer(torch.optim.Optimizer):
+    """A composed second-order optimizer. Build it with :func:`curvlab.optimizer`."""
+
+    def __init__(self, model: nn.Module, estimator: str = "kfac", rule: str = "natural",
+                 scaling: str = "standard", *, strict: bool = False, seed: int = 0, **hyper: Any) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        est_cls, rule_cls, scaling_cls = ESTIMATORS.get(estimator), RULES.get(rule), SCALINGS.get(scaling)
+        options = merge_options(COMMON, est_cls.options, rule_cls.options, scaling_cls.options)
+        self.config = resolve(hyper, options)
+        if self.config["fisher"] not in est_cls.fisher_types:
+            raise ValueError(f"estimator {estimator!r} supports fisher in {est_cls.fisher_types}, "
+                             f"got fisher={self.config['fisher']!r}")
+        self.names = {"estimator": est_cls.registry_name, "rule": rule_cls.registry_name,
+                      "scaling": scaling_cls.registry_name}
+        self.model = model
+        self.estimator = est_cls(self.config)
+        self.rule = rule_cls(self.config)
+        self.rule.check(self.estimator)
+        self.events: list[NumericsEvent] = []
+        self.skipped_steps = 0
+        self._t = 0
+        self.units = self._build_units(model, strict)
+        if not self.units:
+            raise ValueError("the model has no trainable parameters (requires_grad=True)")
+        defaults = {k: self.config[k] for k, opt in options.items() if opt.per_group}
+        super().__init__([p for u in self.units for p in u.params], defaults)
+        self._bind_groups()
+        scaling_cls(self.config).configure(model, self.units, self.names["estimator"], self.names["rule"])
+        needs = self.estimator.captures() | self.rule.captures()
+        layers = {u.name: u.module for u in self.units if u.preconditioned}
+        self.capture = HookCapture(
+            model, layers, loss=self.config["loss"], fisher=self.config["fisher"],
+            mc_samples=self.config["mc_samples"], want_inputs="inputs" in needs,
+            want_fisher_grads="fisher_grads" in needs, want_real_grads="real_grads" in needs,
+            is_stat_step=self._is_stat_step, seed=seed,
+        ) if needs else None
+
+    # -- construction ----------------------------------------------------------------------------------
+    def _build_units(self, model: nn.Module, strict: bool) -> list[Unit]:
+        units: list[Unit] = []
+        owner: dict[int, str] = {}
+        for mname, module in model.named_modules():
+            own = [(pn, p) for pn, p in module.named_parameters(recurse=False) if p.requires_grad]
+            if not own:
+                continue
+            for pn, p in own:
+                if id(p) in owner:
+                    raise ValueError(f"parameter {mname}.{pn} is shared with {owner[id(p)]} (weight tying); "
+                                     "curvlab cannot precondition shared parameters: untie them")
+                owner[id(p)] = f"{mname}.{pn}"
+            adapter, reason = find_adapter(module)
+            label = mname or type(module).__name__
+            if adapter is not None:
+                units.append(Unit(label, [p for _, p in own], self.estimator.describe(adapter), module=module,
+                                  adapter=adapter, curvature=self.estimator.create(label, module, adapter,
+                                                                                   self.events)))
+                continue
+            if strict:
+                raise UnsupportedLayer(
+                    f"layer {label!r} ({type(module).__name__}) cannot be preconditioned: {reason}. Register an "
+                    "adapter with @curvlab.register_adapter, or pass strict=False to give its parameters the "
+                    "first-order fallback"
+                )
+            for pn, p in own:
+                units.append(Unit(f"{mname}.{pn}" if mname else pn, [p], f"first-order fallback ({reason})"))
+        return units
+
+    def _bind_groups(self) -> None:
+        by_param = {id(p): g for g in self.param_groups for p in g["params"]}
+        for unit in self.units:
+            unit.group = by_param[id(unit.params[0])]
+
+    def _is_stat_step(self) -> bool:
+        return self._t % self.config["stat_interval"] == 0
+
+    # -- the step --------------------------------------------------------------------------------------
+    def _skip(self, reason: str) -> None:
+        if self.config["nonfinite"] == "raise":
+            if self.capture:
+                self.capture.clear()
+            raise FloatingPointError(f"curvlab: {reason} (pass nonfinite='skip' to skip such steps)")
+        self.skipped_steps += 1
+        self.events.append(NumericsEvent("step", f"skipped step {self._t}: {reason}"))
+        log.warning("curvlab: skipped step %d: %s; parameters and curvature left unchanged", self._t, reason)
+        if self.capture:
+            self.capture.clear()
+
+    def update_curvature(self) -> bool:
+        """Fold the statistics captured since the last step into every layer's curvature.
+
+        Called by :meth:`step` on statistics steps; call it directly to inspect :meth:`blocks` without
+        stepping. Returns False (and changes nothing) if any layer's statistics are not finite.
+        """
+        if self.capture is None:
+            return True
+        new = {}
+        for unit in self.units:
+            if unit.preconditioned:
+                stats = self.capture.pop(unit.name)
+                if stats is not None:
+                    new[unit] = unit.curvature.statistics(stats)
+        bad = [u.name for u, s in new.items() if not _finite(s.values())]
+        if bad:
+            self._skip(f"non-finite curvature statistics in layers {bad}")
+            return False
+        for unit, stats in new.items():
+            unit.curvature.accumulate(stats, self.config["ema_decay"])
+        return True
+
+    def refresh(self, force: bool = True) -> None:
+        """Recompute inverses / roots (all layers, or only those not ready when ``force=False``)."""
+        for unit in self.units:
+            if unit.preconditioned and (force or not unit.curvature.ready):
+                unit.curvature.refresh(unit.hyper("damping"))
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        bad = [u.name for u in self.units if (g := u.grads()) is not None and not _finite(g)]
+        if bad:
+            self._skip(f"non-finite gradients in {bad}")
+            return loss
+        if self._is_stat_step() and not self.update_curvature():
+            return loss
+        self.refresh(force=self._t % self.config["inv_interval"] == 0)
+        for unit in self.units:
+            if unit.preconditioned and not unit.curvature.ready and unit.grads() is not None:
+                raise RuntimeError(
+                    f"layer {unit.name!r} has gradients but no curvature statistics: its forward pass ran while "
+                    "curvlab was not capturing (under torch.no_grad(), curvlab.capture.paused(), or on a statistics-"
+                    "free step before the first statistics step). Run forward and backward in the plain loop."
+                )
+        plan = self.rule.plan(self.units, self.state)
+        if not _finite(plan.tensors()):
+            self._skip("the update rule produced non-finite updates")
+            return loss
+        for p, key, value in plan.state:
+            self.state[p][key] = value
+        for p, delta in plan.updates:
+            p.add_(delta)
+        if self.capture:
+            self.capture.clear()
+        self._t += 1
+        return loss
+
+    # -- inspection ------------------------------------------------------------------------------------
+    @property
+    def step_count(self) -> int:
+        return self._t
+
+    def blocks(self) -> dict[str, torch.Tensor]:
+        """``{module_name: dense undamped curvature block}`` of every preconditioned module, indexed in the
+        order of ``torch.cat([p.reshape(-1) for p in module.parameters(recurse=False)])``."""
+        return {u.name: u.curvature.dense() for u in self.units if u.preconditioned}
+
+    def coverage(self) -> list[dict[str, Any]]:
+        """One entry per unit: its name, parameter count, and how it is updated."""
+        return [{"name": u.name, "numel": sum(p.numel() for p in u.params), "how": u.how,
+                 "preconditioned": u.preconditioned} for u in self.units]
+
+    def coverage_report(self) -> str:
+        rows = self.coverage()
+        width = max(len(r["name"]) for r in rows)
+        lines = [f"{'unit':<{width}}  {'params':>9}  how"]
+        lines += [f"{r['name']:<{width}}  {r['numel']:>9}  {r['how']}" for r in rows]
+        covered = sum(r["numel"] for r in rows if r["preconditioned"])
+        total = sum(r["numel"] for r in rows)
+        lines.append(f"preconditioned: {covered}/{total} parameters ({100.0 * covered / total:.1f}%)")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        n = self.names
+        return f"CurvlabOptimizer(estimator={n['estimator']!r}, rule={n['rule']!r}, scaling={n['scaling']!r})"
+
+    # -- checkpoints -----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["curvlab"] = {
+            "names": dict(self.names),
+            "step": self._t,
+            "skipped_steps": self.skipped_steps,
+            "curvature": {u.name: u.curvature.state_dict() for u in self.units if u.preconditioned},
+            "capture": self.capture.state_dict() if self.capture else {},
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("curvlab", None)
+        if extra is None:
+            raise ValueError("not a curvlab optimizer checkpoint (no 'curvlab' entry)")
+        if extra["names"] != self.names:
+            raise ValueError(f"checkpoint was written by {extra['names']}, this optimizer is {self.names}")
+        mine = {u.name for u in self.units if u.preconditioned}
+        if set(extra["curvature"]) != mine:
+            raise ValueError(f"checkpoint layers {sorted(extra['curvature'])} do not match the model's {sorted(mine)}")
+        super().load_state_dict(state_dict)
+        self._bind_groups()
+        self._t, self.skipped_steps = extra["step"], extra["skipped_steps"]
+        for unit in self.units:
+            if unit.preconditioned:
+                unit.curvature.load_state_dict(extra["curvature"][unit.name])
+        if self.capture:
+            self.capture.load_state_dict(extra["capture"])
+
+
+def optimizer(model: nn.Module, estimator: str = "kfac", rule: str = "natural", scaling: str = "standard",
+              **hyper: Any) -> CurvlabOptimizer:
+    """Compose an optimizer from an estimator, an update rule and a parameterization (by registry name).
+
+    Hyper-parameters use the pinned names of :mod:`curvlab.hyper` plus the options each component
+    declares; unknown names or invalid values raise ``TypeError`` / ``ValueError`` naming the argument.
+    """
+    return CurvlabOptimizer(model, estimator, rule, scaling, **hyper)

@@ -1,0 +1,55 @@
+"""Update rules: turn per-unit gradients and curvatures into parameter updates.
+
+A rule returns a :class:`Plan` (the updates and the rule state it wants written); the optimizer checks the
+plan for NaN/Inf before committing anything, so a bad step never reaches the parameters or the state.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..curvature import Estimator
+from ..hyper import Option
+from ..units import Unit
+
+
+@dataclass
+class Plan:
+    """``p += delta`` for every update, then ``state[p][key] = value`` for every state entry."""
+
+    updates: list[tuple[torch.nn.Parameter, torch.Tensor]] = field(default_factory=list)
+    state: list[tuple[torch.nn.Parameter, str, torch.Tensor]] = field(default_factory=list)
+
+    def tensors(self):
+        yield from (d for _, d in self.updates)
+        yield from (v for _, _, v in self.state)
+
+
+class UpdateRule:
+    """Base class. ``requires``: curvature operations the rule calls (checked against the estimator)."""
+
+    options: dict[str, Option] = {}
+    requires: frozenset[str] = frozenset({"solve"})
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+
+    def check(self, estimator: Estimator) -> None:
+        missing = self.requires - estimator.provides
+        if missing:
+            raise ValueError(
+                f"rule {self.registry_name!r} needs the curvature operations {sorted(missing)}, which estimator "  # type: ignore
+                f"{estimator.registry_name!r} does not provide; pick another estimator or rule"  # type: ignore
+            )
+
+    def captures(self) -> set[str]:
+        """Extra statistics the rule needs from the capture backend (see Estimator.captures)."""
+        return set()
+
+    def plan(self, units: list[Unit], state: dict[torch.nn.Parameter, dict[str, Any]]) -> Plan:
+        raise NotImplementedError
+
+
+from . import natural  # noqa: E402,F401  (registers the built-in rules)

@@ -1,0 +1,71 @@
+"""The natural-gradient rule: ``theta <- theta - lr * m``, ``m <- mu m + nu * C^-1 g`` per unit.
+
+* ``C^-1 g`` is the unit's damped ``solve`` (K-FAC eq. K.6; the plain gradient for fallback units);
+* momentum as ``torch.optim.SGD`` (first step ``m = d``), so ``estimator="identity"`` IS momentum SGD;
+* weight decay ``weight_decay_style="coupled"`` (default, as torch SGD: ``g <- g + wd theta`` before
+  preconditioning) or ``"decoupled"`` (``theta <- theta - lr wd theta``, AdamW-style, not preconditioned);
+* KL clip (Ba, Grosse & Martens 2017; ALGORITHMS eq. K.9), one global factor over all units:
+  ``nu = min(1, sqrt(kappa / sum_u lr_u^2 <C^-1 g_u, g_u>))``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ..hyper import Option, one_of
+from ..registry import register_rule
+from ..units import Unit, inner
+from . import Plan, UpdateRule
+
+
+@register_rule("natural")
+class NaturalGradient(UpdateRule):
+    """Preconditioned step C^-1 g with momentum, weight decay and optional KL clipping."""
+
+    options = {
+        "weight_decay_style": Option("coupled", one_of("coupled", "decoupled"),
+                                     "'coupled': g += wd*theta before preconditioning; 'decoupled': AdamW-style"),
+    }
+
+    def directions(self, units: list[Unit]) -> list[tuple[Unit, list[torch.Tensor], list[torch.Tensor]]]:
+        """``(unit, gradient, preconditioned direction)`` for every unit that has a gradient."""
+        out = []
+        coupled = self.config["weight_decay_style"] == "coupled"
+        for unit in units:
+            grads = unit.grads()
+            if grads is None:
+                continue
+            wd = unit.hyper("weight_decay")
+            if wd and coupled:
+                grads = [g.add(p, alpha=wd) for g, p in zip(grads, unit.params)]
+            out.append((unit, grads, unit.solve(grads)))
+        return out
+
+    def kl_factor(self, dirs) -> float:
+        kappa = self.config["kl_clip"]
+        if kappa is None:
+            return 1.0
+        vg = sum(float(inner(d, g)) * unit.hyper("lr") ** 2 for unit, g, d in dirs)
+        return min(1.0, math.sqrt(kappa / vg)) if vg > 0 else 1.0
+
+    def plan(self, units: list[Unit], state: dict[torch.nn.Parameter, dict[str, Any]]) -> Plan:
+        dirs = self.directions(units)
+        nu = self.kl_factor(dirs)
+        plan = Plan()
+        decoupled = self.config["weight_decay_style"] == "decoupled"
+        for unit, _, direction in dirs:
+            lr, mu, wd = unit.hyper("lr"), unit.hyper("momentum"), unit.hyper("weight_decay")
+            for p, d in zip(unit.params, direction):
+                if nu != 1.0:
+                    d = d * nu
+                if mu:
+                    buf = state.get(p, {}).get("momentum_buffer")
+                    d = d.clone() if buf is None else buf * mu + d
+                    plan.state.append((p, "momentum_buffer", d))
+                delta = d * (-lr)
+                if decoupled and wd:
+                    delta = delta.add(p, alpha=-lr * wd)
+                plan.updates.append((p, delta))
+        return plan

@@ -1,0 +1,73 @@
+"""Units: the groups of parameters an update rule steps together.
+
+A unit is either a preconditioned layer (module + adapter + curvature) or a single parameter that no
+adapter claims and that gets the documented first-order fallback (``curvature is None``: its direction
+is its gradient). Rules see only units; that keeps them independent of layers and estimators.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapters import LayerAdapter
+from .curvature import Curvature
+
+
+@dataclass(eq=False)
+class Unit:
+    name: str
+    params: list[nn.Parameter]
+    how: str
+    module: nn.Module | None = None
+    adapter: LayerAdapter | None = None
+    curvature: Curvature | None = None
+    group: dict[str, Any] = field(default_factory=dict)
+    lr_mult: float = 1.0
+    damping_mult: float = 1.0
+
+    @property
+    def preconditioned(self) -> bool:
+        return self.curvature is not None
+
+    def hyper(self, key: str) -> Any:
+        """A per-group hyper-parameter with this unit's parameterization multiplier applied."""
+        value = self.group[key]
+        if key == "lr":
+            return value * self.lr_mult
+        if key == "damping":
+            return value * self.damping_mult
+        return value
+
+    def grads(self) -> list[torch.Tensor] | None:
+        """Gradients of the unit's parameters (zeros for a missing one); ``None`` if none has a gradient."""
+        if all(p.grad is None for p in self.params):
+            return None
+        return [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+
+    def _apply(self, op: str, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self.curvature is None:
+            return list(tensors)
+        curv, adapter = self.curvature, self.adapter
+        mat = adapter.to_matrix(self.module, tensors).to(curv.dtype)
+        out = getattr(curv, op)(mat)
+        return [t.to(p.dtype) for t, p in zip(adapter.from_matrix(self.module, out), self.params)]
+
+    def solve(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Damped inverse curvature times ``tensors`` (parameter-shaped); identity for fallback units."""
+        return self._apply("solve", tensors)
+
+    def mv(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Undamped curvature times ``tensors``; identity for fallback units."""
+        return self._apply("mv", tensors)
+
+
+def inner(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> torch.Tensor:
+    """Sum of elementwise products over a unit's tensors, accumulated in float32 or better."""
+    acc = torch.zeros((), dtype=torch.float64 if xs[0].dtype == torch.float64 else torch.float32,
+                      device=xs[0].device)
+    for x, y in zip(xs, ys):
+        acc = acc + (x.to(acc.dtype) * y.to(acc.dtype)).sum()
+    return acc
