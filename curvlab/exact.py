@@ -165,7 +165,7 @@ def ggn(model: nn.Module, inputs: Tensor, targets: Tensor, loss: str = "cross_en
             J = J.reshape(-1, d, P)
             H = out_hess(f, y[sl]).reshape(-1, d, d)
             G += J.reshape(-1, P).T @ (H @ J).reshape(-1, P)
-    return G / n + 1e-11
+    return G / n
 
 
 def fisher(model: nn.Module, inputs: Tensor, loss: str = "cross_entropy",

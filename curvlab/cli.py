@@ -1,0 +1,33 @@
+"""The ``curvlab`` command: ``list`` what is registered, ``check`` estimators against exact curvature,
+``demo`` the main job."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="curvlab", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="print the registered estimators, rules, scalings and layer adapters")
+    chk = sub.add_parser("check", help="relative error of each estimator block against torch.func exact curvature")
+    chk.add_argument("--estimator", default="kfac")
+    sub.add_parser("demo", help="the main job (see `curvlab demo --help`)", add_help=False)
+    if argv[:1] == ["demo"]:
+        from .demo import main as demo_main
+        demo_main(argv[1:])
+        return 0
+    args = parser.parse_args(argv)
+    if args.command == "list":
+        from .registry import describe
+        import curvlab  # noqa: F401  (registers built-ins)
+        print(describe())
+    elif args.command == "check":
+        from .check import run_default_check
+        print(run_default_check(args.estimator))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

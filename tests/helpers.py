@@ -1,0 +1,45 @@
+"""Shared test helpers: comparisons that print the offending entries on failure, small models."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+LOSS_FN = {"cross_entropy": F.cross_entropy, "mse": F.mse_loss}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, rtol: float = 1e-10, atol: float = 1e-12,
+                 what: str = "tensor", show: int = 5) -> None:
+    """``|actual - expected| <= atol + rtol * |expected|`` entrywise; on failure list the worst entries."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    diff = (actual - expected).abs()
+    bad = diff > atol + rtol * expected.abs()
+    if bool(bad.any()):
+        flat = diff.flatten()
+        worst = flat.argsort(descending=True)[:show]
+        lines = [f"{what}: {int(bad.sum())}/{bad.numel()} entries off (rtol={rtol}, atol={atol}); worst:"]
+        for k in worst.tolist():
+            idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(k), diff.shape))
+            lines.append(f"  at {idx}: actual {actual[idx].item():.6e}  expected {expected[idx].item():.6e}  "
+                         f"|diff| {diff[idx].item():.3e}")
+        raise AssertionError("\n".join(lines))
+
+
+def assert_blocks_close(blocks: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], **kw) -> None:
+    assert set(blocks) == set(reference), f"layers {sorted(blocks)} != reference {sorted(reference)}"
+    for name in blocks:
+        scale = float(reference[name].abs().max())
+        assert_close(blocks[name], reference[name], atol=kw.get("atol", 1e-12) * max(scale, 1.0),
+                     rtol=kw.get("rtol", 1e-10), what=f"block {name!r}")
+
+
+def one_step_blocks(model, x, y, loss="cross_entropy", fisher="type2", estimator="kfac", **hyper):
+    """Blocks of ``estimator`` after one plain forward/backward on (x, y) with ema_decay=0."""
+    import curvlab
+
+    opt = curvlab.optimizer(model, estimator, "natural", loss=loss, fisher=fisher, ema_decay=0.0, **hyper)
+    LOSS_FN[loss](model(x), y).backward()
+    assert opt.update_curvature()
+    blocks = opt.blocks()
+    opt.capture.remove()
+    model.zero_grad()
+    return blocks, opt
