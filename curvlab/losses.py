@@ -50,9 +50,13 @@ def output_vectors(loss: str, fisher: str, out: torch.Tensor, mc_samples: int = 
             eye = torch.eye(p.shape[1], dtype=p.dtype, device=p.device)
             return [(p[:, c:c + 1].sqrt() * (eye[c] - p), 1.0) for c in range(p.shape[1])]
         if fisher == "mc":
+            # A non-finite output row must not crash the sampler inside backward(): sample that row
+            # uniformly; its vector stays non-finite, so the optimizer's statistics check skips the step.
+            finite = torch.isfinite(p).all(dim=1, keepdim=True)
+            sample_from = torch.where(finite, p, torch.ones_like(p)).float()
             vecs = []
             for _ in range(mc_samples):
-                yhat = torch.multinomial(p.float(), 1, generator=generator).squeeze(1)
+                yhat = torch.multinomial(sample_from, 1, generator=generator).squeeze(1)
                 vecs.append((p - torch.nn.functional.one_hot(yhat, p.shape[1]).to(p.dtype), 1.0 / mc_samples))
             return vecs
     elif loss == "mse":

@@ -1,0 +1,189 @@
+"""Bad input gets a clear error; NaN/Inf never reaches parameters or curvature state."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import curvlab
+from curvlab.linalg import FactorizationError, spd_inverse
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+
+
+def batch(n=8):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, 4, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+@pytest.mark.parametrize("kwargs, err, match", [
+    (dict(loss="cross-entropy"), ValueError, r"loss must be one of .*Did you mean 'cross_entropy'"),
+    (dict(damping=-1e-3), ValueError, r"damping must be >= 0"),
+    (dict(lr=float("nan")), ValueError, r"lr must be finite"),
+    (dict(momentum=1.0), ValueError, r"momentum must lie in \[0, 1\)"),
+    (dict(ema_decay=-0.1), ValueError, r"ema_decay"),
+    (dict(inv_interval=0), ValueError, r"inv_interval must be >= 1"),
+    (dict(stat_interval=2.5), TypeError, r"stat_interval must be an integer"),
+    (dict(fisher="true"), ValueError, r"fisher must be one of"),
+    (dict(kl_clip=0), ValueError, r"kl_clip must be > 0"),
+    (dict(dampnig=1e-3), TypeError, r"unknown hyper-parameter 'dampnig'. Did you mean 'damping'"),
+    (dict(damping_style="tikhonov"), ValueError, r"damping_style"),
+])
+def test_invalid_hyper_parameters_name_the_argument(kwargs, err, match):
+    with pytest.raises(err, match=match):
+        curvlab.optimizer(mlp(), "kfac", "natural", **kwargs)
+
+
+def test_unknown_component_suggests_a_name():
+    with pytest.raises(ValueError, match=r"unknown estimator 'kafc'. Did you mean 'kfac'"):
+        curvlab.optimizer(mlp(), "kafc", "natural")
+    with pytest.raises(ValueError, match=r"unknown rule 'natral'"):
+        curvlab.optimizer(mlp(), "kfac", "natral")
+    with pytest.raises(ValueError, match=r"unknown scaling"):
+        curvlab.optimizer(mlp(), "kfac", "natural", scaling="mupp")
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        curvlab.optimizer([torch.zeros(2)], "kfac", "natural")
+
+
+def model_with_layernorm():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Linear(5, 3))
+
+
+def test_strict_mode_names_the_unsupported_layer():
+    with pytest.raises(curvlab.UnsupportedLayer, match=r"layer '1' \(LayerNorm\).*register_adapter.*strict=False"):
+        curvlab.optimizer(model_with_layernorm(), "kfac", "natural", strict=True)
+    conv = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))
+    with pytest.raises(curvlab.UnsupportedLayer, match="grouped convolution"):
+        curvlab.optimizer(conv, "kfac", "natural", strict=True)
+
+
+def test_unclaimed_parameters_get_the_first_order_fallback():
+    model = model_with_layernorm()
+    opt = curvlab.optimizer(model, "kfac", "natural", lr=0.1)
+    cov = {c["name"]: c for c in opt.coverage()}
+    assert cov["0"]["how"] == "kfac (Linear)" and cov["2"]["preconditioned"]
+    assert "first-order fallback" in cov["1.weight"]["how"] and not cov["1.weight"]["preconditioned"]
+    assert "LayerNorm" in opt.coverage_report()
+    x, y = batch()
+    ln_w = model[1].weight.detach().clone()
+    F.cross_entropy(model(x), y).backward()
+    g = model[1].weight.grad.clone()
+    opt.step()
+    assert torch.allclose(model[1].weight, ln_w - 0.1 * g)       # plain gradient step for the fallback
+
+
+def test_weight_tying_is_refused():
+    lin = nn.Linear(4, 4)
+    model = nn.Sequential(lin, nn.Tanh(), nn.Linear(4, 4))
+    model[2].weight = lin.weight
+    with pytest.raises(ValueError, match="weight tying"):
+        curvlab.optimizer(model, "kfac", "natural")
+
+
+def test_cross_entropy_needs_two_dimensional_logits():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1))
+    opt = curvlab.optimizer(model, "kfac", "natural", fisher="mc")
+    out = model(torch.randn(2, 1, 4, 4))
+    with pytest.raises(ValueError, match=r"expects model outputs of shape \(N, C\)"):
+        out.sum().backward()
+    del opt
+
+
+def test_inplace_activation_after_a_layer_is_reported():
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(inplace=True), nn.Linear(5, 3))
+    curvlab.optimizer(model, "kfac", "natural", fisher="mc")
+    x, y = batch()
+    with pytest.raises(RuntimeError, match=r"layer '0' was modified in place.*inplace=False"):
+        F.cross_entropy(model(x), y).backward()
+
+
+def test_nan_gradients_skip_the_step_and_are_logged(caplog):
+    model = mlp()
+    opt = curvlab.optimizer(model, "kfac", "natural", lr=0.1)
+    x, y = batch()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    params = [p.detach().clone() for p in model.parameters()]
+    state = {k: v.clone() for k, v in opt.units[0].curvature.state_dict().items() if torch.is_tensor(v)}
+    opt.zero_grad()
+    x_bad = x.clone()
+    x_bad[0, 0] = float("nan")
+    with caplog.at_level(logging.WARNING, logger="curvlab"):
+        F.cross_entropy(model(x_bad), y).backward()
+        opt.step()
+    assert "skipped step 1" in caplog.text and "non-finite gradients" in caplog.text
+    assert opt.skipped_steps == 1 and opt.step_count == 1
+    for p, q in zip(model.parameters(), params):
+        assert torch.equal(p, q) and torch.isfinite(p).all()
+    for k, v in state.items():
+        assert torch.equal(opt.units[0].curvature.state_dict()[k], v), f"curvature {k} changed"
+    opt.zero_grad()                                          # training goes on afterwards
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert opt.step_count == 2
+
+
+def test_nan_statistics_skip_even_when_gradients_are_finite():
+    model = mlp()
+    opt = curvlab.optimizer(model, "kfac", "natural")
+    x, y = batch()
+    F.cross_entropy(model(x), y).backward()
+    opt.capture._records["0"][0].inputs[0, 0] = float("inf")   # corrupt only the captured statistics
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()
+    assert opt.skipped_steps == 1 and opt.units[0].curvature.A is None
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_nonfinite_raise_policy():
+    model = mlp()
+    opt = curvlab.optimizer(model, "kfac", "natural", nonfinite="raise")
+    x, y = batch()
+    x[0, 0] = float("inf")
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(FloatingPointError, match="non-finite gradients"):
+        opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_failed_factorization_falls_back_and_reports():
+    events = []
+    indefinite = torch.tensor([[1.0, 2.0], [2.0, 1.0]])        # eigenvalues 3, -1: Cholesky fails
+    inv = spd_inverse(indefinite, "layer X", events)
+    assert torch.isfinite(inv).all()
+    assert events and events[-1].layer == "layer X" and "eigendecomposition" in events[-1].what
+    singular = torch.zeros(3, 3)
+    singular[0, 0] = 1.0
+    events.clear()
+    inv = spd_inverse(singular, "layer Y", events)
+    assert torch.isfinite(inv).all() and "jitter" in events[-1].what
+    with pytest.raises(FactorizationError, match="layer 'Z'.*NaN"):
+        spd_inverse(torch.full((2, 2), float("nan")), "Z")
+
+
+def test_zero_damping_on_rank_deficient_factors_still_steps():
+    """N=1 gives rank-1 factors; with damping 0 the inverse needs the fallback ladder, never NaN."""
+    model = mlp()
+    opt = curvlab.optimizer(model, "kfac", "natural", damping=0.0, lr=1e-3, fisher="type2")
+    x, y = batch(1)
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert opt.events, "a fallback must be reported for singular factors"
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_forward_under_no_grad_then_backward_is_explained():
+    model = mlp()
+    opt = curvlab.optimizer(model, "kfac", "natural")
+    x, y = batch()
+    with curvlab.capture.paused():
+        F.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match="no curvature statistics"):
+        opt.step()
