@@ -11,6 +11,7 @@ Any (estimator, rule, scaling) triple from the registry is a ``torch.optim.Optim
 """
 from .adapters import LayerAdapter, UnsupportedLayer
 from .curvature import Curvature, Estimator
+from .hyper import HyperParameterError
 from .linalg import FactorizationError
 from .optim import CurvlabOptimizer, optimizer
 from .registry import (ADAPTERS, ESTIMATORS, RULES, SCALINGS, describe, load_plugins, register_adapter,
@@ -23,7 +24,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "optimizer", "CurvlabOptimizer", "Estimator", "Curvature", "UpdateRule", "Plan", "Parameterization",
-    "LayerAdapter", "Unit", "UnsupportedLayer", "FactorizationError",
+    "LayerAdapter", "Unit", "UnsupportedLayer", "FactorizationError", "HyperParameterError",
     "register_estimator", "register_rule", "register_scaling", "register_adapter", "load_plugins", "describe",
     "ESTIMATORS", "RULES", "SCALINGS", "ADAPTERS",
 ]

@@ -27,6 +27,12 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
 FISHER_TYPES = ("empirical", "mc", "type2")
+
+
+class HyperParameterError(ValueError, TypeError):
+    """An invalid hyper-parameter (bad value, bad type or unknown name); the message names it.
+
+    Both a ``ValueError`` and a ``TypeError``, so either ``except`` clause catches it."""
 LOSSES = ("cross_entropy", "mse")
 
 
@@ -42,38 +48,38 @@ class Option:
 
 def _number(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__} ({value!r})")
+        raise HyperParameterError(f"{name} must be a number, got {type(value).__name__} ({value!r})")
     if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value!r}")
+        raise HyperParameterError(f"{name} must be finite, got {value!r}")
     return float(value)
 
 
 def non_negative(name: str, value: Any) -> float:
     v = _number(name, value)
     if v < 0:
-        raise ValueError(f"{name} must be >= 0, got {value!r}")
+        raise HyperParameterError(f"{name} must be >= 0, got {value!r}")
     return v
 
 
 def positive(name: str, value: Any) -> float:
     v = _number(name, value)
     if v <= 0:
-        raise ValueError(f"{name} must be > 0, got {value!r}")
+        raise HyperParameterError(f"{name} must be > 0, got {value!r}")
     return v
 
 
 def unit_interval(name: str, value: Any) -> float:
     v = _number(name, value)
     if not 0.0 <= v < 1.0:
-        raise ValueError(f"{name} must lie in [0, 1), got {value!r}")
+        raise HyperParameterError(f"{name} must lie in [0, 1), got {value!r}")
     return v
 
 
 def positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__} ({value!r})")
+        raise HyperParameterError(f"{name} must be an integer, got {type(value).__name__} ({value!r})")
     if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value!r}")
+        raise HyperParameterError(f"{name} must be >= 1, got {value!r}")
     return value
 
 
@@ -86,7 +92,7 @@ def one_of(*choices: str) -> Callable[[str, Any], str]:
         if value not in choices:
             close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.5)
             hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}.{hint}")
+            raise HyperParameterError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}.{hint}")
         return value
 
     return check
@@ -94,7 +100,7 @@ def one_of(*choices: str) -> Callable[[str, Any], str]:
 
 def boolean(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
+        raise HyperParameterError(f"{name} must be True or False, got {value!r}")
     return value
 
 
@@ -126,7 +132,7 @@ def resolve(given: Mapping[str, Any], options: Mapping[str, Option]) -> dict[str
         if key not in options:
             close = difflib.get_close_matches(key, list(options), n=1, cutoff=0.6)
             hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise TypeError(f"unknown hyper-parameter {key!r}.{hint} Accepted: {', '.join(sorted(options))}.")
+            raise HyperParameterError(f"unknown hyper-parameter {key!r}.{hint} Accepted: {', '.join(sorted(options))}.")
     for key, opt in options.items():
         out[key] = opt.check(key, given[key]) if key in given else opt.default
     return out
