@@ -30,10 +30,17 @@ __all__ = ["HYPERPARAMETERS", "TARGET_ACCURACY", "main", "make_demo_model", "run
 #: Test accuracy whose first epoch is reported as "epochs to target".
 TARGET_ACCURACY = 0.95
 
-#: Tuned on the digits split with seed 0 (see the module's commit/issue for the grid).
+#: Epochs at which the table compares test accuracy side by side (equal epochs for every method).
+CHECKPOINTS = (1, 2, 5)
+
+#: Chosen by final validation accuracy (a stratified 25% of the TRAIN part, mean of two
+#: split seeds, 20 epochs, batch 64; the test part was not used).  Grids, momentum 0.9 and
+#: ema_decay 0.95 fixed: K-FAC lr {0.01,0.02,0.03,0.05,0.1,0.2,0.3} x damping {0.01,0.03,0.1,0.3}
+#: at inv_interval 5, then inv_interval {1,5,10}; SGD lr {0.01,0.02,0.03,0.05,0.07,0.1,0.15,0.2,0.3}.
+#: K-FAC diverges for lr/damping >~ 1 (the damped natural step is large once the Fisher shrinks).
 HYPERPARAMETERS: dict[str, dict[str, Any]] = {
     "kfac": {
-        "estimator": "kfac", "rule": "natural", "lr": 0.1, "damping": 0.05,
+        "estimator": "kfac", "rule": "natural", "lr": 0.01, "damping": 0.03,
         "momentum": 0.9, "ema_decay": 0.95, "stat_interval": 1, "inv_interval": 5,
     },
     "sgd": {"estimator": "identity", "rule": "natural", "lr": 0.05, "momentum": 0.9},
@@ -42,12 +49,9 @@ HYPERPARAMETERS: dict[str, dict[str, Any]] = {
 
 def build_optimizer(model: nn.Module, **hparams: Any) -> torch.optim.Optimizer:
     """Build a curvlab optimizer for ``model`` from a :data:`HYPERPARAMETERS` entry."""
-    return _standin(model, **hparams)  # STAND-IN: switch to curvlab.optimizer(model, **hparams)
+    import curvlab
 
-
-def _standin(model: nn.Module, *, lr: float, momentum: float = 0.0, **_: Any) -> torch.optim.Optimizer:
-    """Temporary stand-in until curvlab.optimizer exists: plain momentum SGD."""
-    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    return curvlab.optimizer(model, **hparams)
 
 
 def make_demo_model(split: Split, seed: int) -> nn.Sequential:
@@ -146,6 +150,7 @@ def summarize(result: dict[str, Any], target: float = TARGET_ACCURACY) -> dict[s
     reached = next((i + 1 for i, a in enumerate(acc) if a >= target), None)
     losses = result["history"]["train_loss"]
     return {
+        "accuracy_at_epoch": {e: acc[e - 1] for e in CHECKPOINTS if e <= len(acc)},
         "final_test_accuracy": acc[-1] if acc else math.nan,
         "best_test_accuracy": max(acc) if acc else math.nan,
         "epochs_to_target": reached,
@@ -157,14 +162,16 @@ def summarize(result: dict[str, Any], target: float = TARGET_ACCURACY) -> dict[s
 def format_table(results: dict[str, dict[str, Any]], baseline: str = "sgd") -> str:
     """A plain-text table of the summaries, step time relative to ``baseline``."""
     base_ms = results[baseline]["summary"]["mean_step_ms"] if baseline in results else None
-    header = ("method", "final acc", "best acc", f"ep->{TARGET_ACCURACY:.0%}",
-              "train loss", "step ms", f"x {baseline}")
+    checkpoints = [e for e in CHECKPOINTS if all(e in r["summary"]["accuracy_at_epoch"] for r in results.values())]
+    header = ("method", *(f"acc@ep{e}" for e in checkpoints), "final acc", "best acc",
+              f"ep->{TARGET_ACCURACY:.0%}", "train loss", "step ms", f"x {baseline}")
     rows = [header]
     for name, res in results.items():
         s = res["summary"]
         rel = s["mean_step_ms"] / base_ms if base_ms else math.nan
         rows.append((
-            name, f"{s['final_test_accuracy']:.4f}", f"{s['best_test_accuracy']:.4f}",
+            name, *(f"{s['accuracy_at_epoch'][e]:.4f}" for e in checkpoints),
+            f"{s['final_test_accuracy']:.4f}", f"{s['best_test_accuracy']:.4f}",
             "-" if s["epochs_to_target"] is None else str(s["epochs_to_target"]),
             f"{s['final_train_loss']:.4f}", f"{s['mean_step_ms']:.2f}", f"{rel:.2f}",
         ))
@@ -198,6 +205,7 @@ def plot_curves(results: dict[str, dict[str, Any]], path: Path) -> None:
 
 
 def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
@@ -235,16 +243,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         methods[name] = res
     total = time.perf_counter() - start
     results = {
-        "dataset": split.name,
-        "num_train": split.num_train,
-        "num_test": split.num_test,
-        "model": "mlp(64, width=64, depth=2, 10, tanh)",
-        "epochs": args.epochs,
-        "batch_size": args.batch_size,
-        "seed": args.seed,
-        "target_accuracy": TARGET_ACCURACY,
-        "total_time_s": total,
-        "methods": methods,
+        "dataset": split.name, "num_train": split.num_train, "num_test": split.num_test,
+        "model": "mlp(64, width=64, depth=2, 10, tanh)", "epochs": args.epochs,
+        "batch_size": args.batch_size, "seed": args.seed, "target_accuracy": TARGET_ACCURACY,
+        "total_time_s": total, "methods": methods,
     }
     print(f"digits: {split.num_train} train / {split.num_test} test, {args.epochs} epochs, "
           f"batch size {args.batch_size}, seed {args.seed} ({total:.1f} s)")
