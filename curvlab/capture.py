@@ -2,7 +2,8 @@
 
 The user's loop stays the plain one (forward, ``loss.backward()``, ``opt.step()``) for every Fisher type:
 
-* a forward hook on every tracked layer keeps its input ``x`` (detached) and its output ``s``;
+* a forward hook on every tracked layer keeps its input ``x`` (detached) and its output ``s``, and passes
+  a copy of ``s`` downstream so that in-place activations cannot change the tensor whose gradient is read;
 * a forward hook on the model keeps the output ``f`` and, on statistics steps, registers
   - for ``fisher="empirical"`` (and rules that need real per-example gradients): a tensor hook on each
     ``s`` that stores ``N * grad_output`` (pitfall P0: the gradient of a MEAN loss carries ``1/N``);
@@ -95,8 +96,11 @@ class HookCapture:
     def _layer_hook(self, name: str):
         def hook(module, inputs, output):
             if not self._active() or not isinstance(output, torch.Tensor) or not output.requires_grad:
-                return
+                return None
             self._pending[name] = LayerRecord(inputs[0].detach(), output, output._version)
+            # Downstream gets a copy, so an in-place op after the layer (nn.ReLU(inplace=True)) cannot
+            # modify the tensor whose gradient we read: one memcpy per layer, on statistics steps only.
+            return output.clone()
         return hook
 
     def _model_hook(self, module, inputs, out):
@@ -108,6 +112,11 @@ class HookCapture:
                 f"curvlab needs the model to return one tensor (the input of the loss); got {type(out).__name__}"
             )
         for name, rec in pending.items():
+            if rec.output._version != rec.version:
+                raise RuntimeError(
+                    f"the output of layer {name!r} was modified in place while the model ran; curvlab reads the "
+                    "gradient with respect to it. Avoid in-place operations on the layer's own output tensor."
+                )
             rec.batch_size = out.shape[0]
             self._records[name].append(rec)
             if self.want_real_grads:
@@ -129,13 +138,6 @@ class HookCapture:
         def hook(grad):
             if self._busy:
                 return None
-            for name, rec in named:
-                if rec.output._version != rec.version:
-                    raise RuntimeError(
-                        f"the output of layer {name!r} was modified in place after the layer ran (e.g. by "
-                        "nn.ReLU(inplace=True)); curvlab needs it intact to back-propagate sampled labels. "
-                        "Use the activation with inplace=False."
-                    )
             outputs = [rec.output for _, rec in named]
             self._busy = True
             try:

@@ -96,12 +96,19 @@ def test_cross_entropy_needs_two_dimensional_logits():
     del opt
 
 
-def test_inplace_activation_after_a_layer_is_reported():
-    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(inplace=True), nn.Linear(5, 3))
-    curvlab.optimizer(model, "kfac", "natural", fisher="mc")
+@pytest.mark.parametrize("fisher", ["empirical", "mc", "type2"])
+def test_inplace_activation_after_a_layer_gives_the_same_statistics(fisher):
     x, y = batch()
-    with pytest.raises(RuntimeError, match=r"layer '0' was modified in place.*inplace=False"):
+    factors = {}
+    for inplace in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(inplace=inplace), nn.Linear(5, 3))
+        opt = curvlab.optimizer(model, "kfac", "natural", fisher=fisher, ema_decay=0.0, seed=1)
         F.cross_entropy(model(x), y).backward()
+        opt.update_curvature()
+        factors[inplace] = [(u.curvature.A, u.curvature.G) for u in opt.units]
+    for (a0, g0), (a1, g1) in zip(factors[False], factors[True]):
+        assert torch.equal(a0, a1) and torch.allclose(g0, g1, rtol=1e-6, atol=1e-7)
 
 
 def test_nan_gradients_skip_the_step_and_are_logged(caplog):
