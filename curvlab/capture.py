@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .losses import output_vectors
+from .stats import LayerStats
 
 _state = threading.local()
 
@@ -56,19 +57,8 @@ class LayerRecord:
     fisher_grads: list[tuple[torch.Tensor, float]] = field(default_factory=list)
 
 
-@dataclass
-class LayerStats:
-    """Pooled records of one layer since the last step: what estimators consume."""
-
-    records: list[LayerRecord]
-
-    @property
-    def batch_size(self) -> int:
-        return sum(r.batch_size for r in self.records)
-
-
 class HookCapture:
-    """Registers the hooks on ``model`` and hands pooled :class:`LayerStats` to the optimizer."""
+    """Registers the hooks on ``model`` and hands :class:`curvlab.stats.LayerStats` to the optimizer."""
 
     def __init__(self, model: nn.Module, layers: dict[str, nn.Module], *, loss: str, fisher: str,
                  mc_samples: int, want_inputs: bool, want_fisher_grads: bool, want_real_grads: bool,
@@ -162,14 +152,21 @@ class HookCapture:
         return self._generators[device]
 
     # -- consumer side ---------------------------------------------------------------------------------
-    def pop(self, name: str) -> LayerStats | None:
-        """Records of ``name`` whose backward ran since the last call (``None`` if there are none)."""
+    def pop(self, name: str) -> list[LayerRecord]:
+        """Records of ``name`` whose backward ran since the last call (possibly empty)."""
         records = self._records[name]
         self._records[name] = []
         done = [r for r in records if r.real_grad is not None or r.fisher_grads]
         for r in done:
             r.output = None
-        return LayerStats(done) if done else None
+        return done
+
+    def layer_stats(self, unit, dtype: torch.dtype, grad: torch.Tensor | None) -> LayerStats | None:
+        """The :class:`curvlab.stats.LayerStats` of ``unit`` for this step, or ``None`` if nothing was captured."""
+        records = self.pop(unit.name)
+        if not records:
+            return None
+        return LayerStats(unit.name, unit.module, unit.adapter, dtype, records, grad)
 
     def clear(self) -> None:
         self._pending = {}

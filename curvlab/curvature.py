@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .adapters import LayerAdapter
-from .capture import LayerStats
+from .stats import LayerStats
 from .hyper import Option
 from .linalg import NumericsEvent
 
@@ -96,7 +96,10 @@ class Estimator:
         self.config = config
 
     def captures(self) -> set[str]:
-        """What the capture backend must record: subset of {"inputs", "fisher_grads", "real_grads"}."""
+        """What the statistics need: a subset of {"inputs", "fisher_grads", "real_grads", "grad"}.
+
+        The first three are recorded by the capture backend during forward/backward; ``"grad"`` asks for the
+        mean-loss gradient in the matrix view (``LayerStats.grad``), for gradient-statistics estimators."""
         return set()
 
     def create(self, name: str, module: nn.Module, adapter: LayerAdapter,

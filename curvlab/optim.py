@@ -29,6 +29,7 @@ from .capture import HookCapture
 from .hyper import COMMON, merge_options, resolve
 from .linalg import NumericsEvent
 from .registry import ESTIMATORS, RULES, SCALINGS
+from .stats import LayerStats
 from .units import Unit
 
 log = logging.getLogger("curvlab")
@@ -67,14 +68,14 @@ class CurvlabOptimizer(torch.optim.Optimizer):
         super().__init__([p for u in self.units for p in u.params], defaults)
         self._bind_groups()
         scaling_cls(self.config).configure(model, self.units, self.names["estimator"], self.names["rule"])
-        needs = self.estimator.captures() | self.rule.captures()
+        needs = self._needs = self.estimator.captures() | self.rule.captures()
         layers = {u.name: u.module for u in self.units if u.preconditioned}
         self.capture = HookCapture(
             model, layers, loss=self.config["loss"], fisher=self.config["fisher"],
             mc_samples=self.config["mc_samples"], want_inputs="inputs" in needs,
             want_fisher_grads="fisher_grads" in needs, want_real_grads="real_grads" in needs,
             is_stat_step=self._is_stat_step, seed=seed,
-        ) if needs else None
+        ) if needs & {"inputs", "fisher_grads", "real_grads"} else None
 
     # -- construction ----------------------------------------------------------------------------------
     def _build_units(self, model: nn.Module, strict: bool) -> list[Unit]:
@@ -132,14 +133,19 @@ class CurvlabOptimizer(torch.optim.Optimizer):
         Called by :meth:`step` on statistics steps; call it directly to inspect :meth:`blocks` without
         stepping. Returns False (and changes nothing) if any layer's statistics are not finite.
         """
-        if self.capture is None:
-            return True
         new = {}
         for unit in self.units:
-            if unit.preconditioned:
-                stats = self.capture.pop(unit.name)
-                if stats is not None:
-                    new[unit] = unit.curvature.statistics(stats)
+            if not unit.preconditioned:
+                continue
+            grad = None
+            if "grad" in self._needs and (grads := unit.grads()) is not None:
+                grad = unit.adapter.to_matrix(unit.module, grads).to(unit.curvature.dtype)
+            if self.capture is not None:
+                stats = self.capture.layer_stats(unit, unit.curvature.dtype, grad)
+            else:
+                stats = LayerStats(unit.name, unit.module, unit.adapter, unit.curvature.dtype, [], grad)
+            if stats is not None and (stats.records or stats.grad is not None):
+                new[unit] = unit.curvature.statistics(stats)
         bad = [u.name for u, s in new.items() if not _finite(s.values())]
         if bad:
             self._skip(f"non-finite curvature statistics in layers {bad}")

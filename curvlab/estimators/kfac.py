@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from ..capture import LayerStats
+from ..stats import LayerStats
 from ..curvature import Curvature, Estimator
 from ..hyper import Option, one_of
 from ..linalg import add_diagonal, psd_eigh, spd_inverse
@@ -59,27 +59,10 @@ class KroneckerCurvature(Curvature):
     def ready(self) -> bool:
         return bool(self.inverses)
 
-    def _output_grads(self, rec) -> list[tuple[torch.Tensor, float]]:
-        if self.config["fisher"] == "empirical":
-            return [(rec.real_grad, 1.0)] if rec.real_grad is not None else []
-        return rec.fisher_grads
-
     def statistics(self, stats: LayerStats) -> dict[str, torch.Tensor]:
-        d_out, d_in = self.shape
-        a_sum = torch.zeros(d_in, d_in, dtype=self.dtype, device=self.device)
-        g_sum = torch.zeros(d_out, d_out, dtype=self.dtype, device=self.device)
-        n_examples = n_rows = 0
-        for rec in stats.records:
-            rows = self.adapter.input_rows(self.module, rec.inputs.to(self.dtype))
-            n, t = rows.shape[0], rows.shape[1]
-            flat = rows.reshape(-1, d_in)
-            a_sum.addmm_(flat.T, flat)
-            for g, weight in self._output_grads(rec):
-                gr = self.adapter.output_rows(self.module, g.to(self.dtype)).reshape(-1, d_out)
-                g_sum.addmm_(gr.T, gr, alpha=weight)
-            n_examples += n
-            n_rows += n * t
-        return {"A": a_sum / n_examples, "G": g_sum / n_rows}
+        kind = "real" if self.config["fisher"] == "empirical" else "fisher"
+        a, g = stats.kron_factors(kind)
+        return {"A": a, "G": g}
 
     def accumulate(self, new: dict[str, torch.Tensor], ema_decay: float) -> None:
         self.A = self.ema(self.A, new["A"], ema_decay)

@@ -1,0 +1,80 @@
+"""What an estimator sees of one layer on a statistics step: :class:`LayerStats`.
+
+Estimators never touch hooks or backends. They ask a ``LayerStats`` for the views they need, each computed
+lazily (and once) from whatever the capture backend recorded:
+
+==================================  ==============================================================================
+``input_rows()``                     homogeneous inputs / im2col patches, ``(N, T, d_in [+1])``
+``output_rows(kind)``                per-example output gradients ``[(rows (N, T, d_out), weight), ...]``;
+                                     ``kind="real"``: gradients of the real loss (``N * grad_output``, pitfall P0);
+                                     ``kind="fisher"``: the back-propagated vectors of the ``fisher`` type
+``kron_factors(kind)``               ``A = (1/N) sum abar abar^T``, ``G = (1/(N T)) sum w g g^T`` (K-FAC eq. K.3/C.4)
+``per_example_grads()``              ``(N, d_out, d_in [+1])``: gradient of each example's loss ``l_n`` in the matrix
+                                     view (``sum_t g_{n,t} abar_{n,t}^T``, real labels)
+``grad``                             the mean-loss gradient in the matrix view (``p.grad``), or ``None``
+==================================  ==============================================================================
+
+A capture backend may subclass ``LayerStats`` to supply some views directly (BackPACK computes Kronecker
+factors and per-example gradients itself); estimators cannot tell the difference.
+"""
+from __future__ import annotations
+
+from functools import cached_property
+
+import torch
+from torch import nn
+
+from .adapters import LayerAdapter
+
+
+class LayerStats:
+    def __init__(self, name: str, module: nn.Module, adapter: LayerAdapter, dtype: torch.dtype,
+                 records: list | None = None, grad: torch.Tensor | None = None) -> None:
+        self.name, self.module, self.adapter, self.dtype = name, module, adapter, dtype
+        self.records = records or []
+        self.grad = grad
+
+    @property
+    def batch_size(self) -> int:
+        """Number of examples behind these statistics (pooled over back-propagated forwards)."""
+        return sum(r.batch_size for r in self.records)
+
+    @cached_property
+    def _inputs(self) -> torch.Tensor:
+        rows = [self.adapter.input_rows(self.module, r.inputs.to(self.dtype)) for r in self.records]
+        return torch.cat(rows) if len(rows) > 1 else rows[0]
+
+    def input_rows(self) -> torch.Tensor:
+        """``(N, T, d_in [+1])`` homogeneous inputs, in the statistics dtype."""
+        return self._inputs
+
+    def output_rows(self, kind: str) -> list[tuple[torch.Tensor, float]]:
+        """Per-example output-gradient rows ``(N, T, d_out)`` with their weights; see the module doc."""
+        if kind not in ("real", "fisher"):
+            raise ValueError(f"kind must be 'real' or 'fisher', got {kind!r}")
+        cols: dict[int, list] = {}
+        for r in self.records:
+            pairs = [(r.real_grad, 1.0)] if kind == "real" else r.fisher_grads
+            if kind == "real" and r.real_grad is None:
+                raise RuntimeError(f"layer {self.name!r}: real output gradients were not captured")
+            for j, (g, w) in enumerate(pairs):
+                cols.setdefault(j, []).append((self.adapter.output_rows(self.module, g.to(self.dtype)), w))
+        return [(torch.cat([g for g, _ in parts]), parts[0][1]) for _, parts in sorted(cols.items())]
+
+    def kron_factors(self, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """K-FAC factors ``(A, G)`` from ``kind`` output gradients (eq. K.3; KFC eq. C.4)."""
+        rows = self.input_rows()
+        n, t, d_in = rows.shape
+        flat = rows.reshape(-1, d_in)
+        a = flat.T @ flat / n
+        g = None
+        for out, weight in self.output_rows(kind):
+            gr = out.reshape(-1, out.shape[-1])
+            term = gr.T @ gr
+            g = term * weight if g is None else g.add_(term, alpha=weight)
+        return a, g / (n * t)
+
+    def per_example_grads(self) -> torch.Tensor:
+        """``(N, d_out, d_in [+1])`` gradients of each example's loss (real labels) in the matrix view."""
+        (g, _), = self.output_rows("real")
+        return torch.einsum("nto,nti->noi", g, self.input_rows())
