@@ -84,10 +84,14 @@ class Estimator:
 
     * ``options``: extra hyper-parameters (:class:`curvlab.hyper.Option`) it accepts;
     * ``fisher_types``: the ``fisher`` values it supports;
-    * ``provides``: the operations its curvatures implement (rules check ``requires`` against it).
+    * ``provides``: the operations its curvatures implement (rules check ``requires`` against it);
+    * ``suggested``: starting hyper-parameters known to train small problems.
     """
 
     options: dict[str, Option] = {}
+    #: Known-good starting hyper-parameters for small classification problems (digits MLP/CNN, batch 64);
+    #: the registry-wide training test and the demo use them. A plugin estimator should set its own.
+    suggested: dict[str, Any] = {"lr": 0.05, "damping": 0.1, "momentum": 0.5}
     fisher_types: tuple[str, ...] = ("empirical", "mc", "type2")
     provides: frozenset[str] = frozenset({"solve", "mv", "dense"})
     curvature_class: type[Curvature] = Curvature

@@ -98,6 +98,14 @@ def one_of(*choices: str) -> Callable[[str, Any], str]:
     return check
 
 
+def _names(name: str, value: Any) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+        raise HyperParameterError(f"{name} must be a list of module names (strings), got {value!r}")
+    return tuple(value)
+
+
 def boolean(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise HyperParameterError(f"{name} must be True or False, got {value!r}")
@@ -116,6 +124,10 @@ COMMON: dict[str, Option] = {
     "loss": Option("cross_entropy", one_of(*LOSSES), "the loss the user trains on (mean reduction)"),
     "kl_clip": Option(None, optional_positive, "KL clip kappa (None = off)"),
     "mc_samples": Option(1, positive_int, "labels sampled per example for fisher='mc'"),
+    "capture": Option("hooks", one_of("hooks", "backpack"),
+                      "statistics backend: forward/backward hooks (default) or BackPACK extensions"),
+    "layers": Option(None, lambda name, v: _names(name, v),
+                     "precondition only these module names (None = every layer an adapter claims)"),
     "nonfinite": Option("skip", one_of("skip", "raise"),
                         "NaN/Inf in gradients or statistics: skip the step (logged) or raise"),
 }

@@ -70,7 +70,10 @@ class CurvlabOptimizer(torch.optim.Optimizer):
         scaling_cls(self.config).configure(model, self.units, self.names["estimator"], self.names["rule"])
         needs = self._needs = self.estimator.captures() | self.rule.captures()
         layers = {u.name: u.module for u in self.units if u.preconditioned}
-        self.capture = HookCapture(
+        backend = HookCapture
+        if self.config["capture"] == "backpack":
+            from .backpack_capture import BackpackCapture as backend
+        self.capture = backend(
             model, layers, loss=self.config["loss"], fisher=self.config["fisher"],
             mc_samples=self.config["mc_samples"], want_inputs="inputs" in needs,
             want_fisher_grads="fisher_grads" in needs, want_real_grads="real_grads" in needs,
@@ -81,6 +84,13 @@ class CurvlabOptimizer(torch.optim.Optimizer):
     def _build_units(self, model: nn.Module, strict: bool) -> list[Unit]:
         units: list[Unit] = []
         owner: dict[int, str] = {}
+        selected = self.config["layers"]
+        if selected is not None:
+            names = {m or type(model).__name__ for m, _ in model.named_modules()}
+            unknown = sorted(set(selected) - names)
+            if unknown:
+                raise ValueError(f"layers: no module named {unknown} in the model; module names are "
+                                 f"{sorted(n for n in names if n)}")
         for mname, module in model.named_modules():
             own = [(pn, p) for pn, p in module.named_parameters(recurse=False) if p.requires_grad]
             if not own:
@@ -92,12 +102,14 @@ class CurvlabOptimizer(torch.optim.Optimizer):
                 owner[id(p)] = f"{mname}.{pn}"
             adapter, reason = find_adapter(module)
             label = mname or type(module).__name__
+            if adapter is not None and selected is not None and label not in selected:
+                adapter, reason = None, "not selected by the `layers` option"
             if adapter is not None:
                 units.append(Unit(label, [p for _, p in own], self.estimator.describe(adapter), module=module,
                                   adapter=adapter, curvature=self.estimator.create(label, module, adapter,
                                                                                    self.events)))
                 continue
-            if strict:
+            if strict and selected is None:
                 raise UnsupportedLayer(
                     f"layer {label!r} ({type(module).__name__}) cannot be preconditioned: {reason}. Register an "
                     "adapter with @curvlab.register_adapter, or pass strict=False to give its parameters the "

@@ -194,3 +194,18 @@ def test_forward_under_no_grad_then_backward_is_explained():
         F.cross_entropy(model(x), y).backward()
     with pytest.raises(RuntimeError, match="no curvature statistics"):
         opt.step()
+
+
+def test_layers_option_restricts_preconditioning():
+    model = mlp()
+    opt = curvlab.optimizer(model, "kfac", "natural", layers=["2"])
+    cov = {c["name"]: c for c in opt.coverage()}
+    assert cov["2"]["preconditioned"] and not cov["0.weight"]["preconditioned"]
+    assert "not selected by the `layers` option" in cov["0.weight"]["how"]
+    x, y = batch()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    with pytest.raises(ValueError, match=r"layers: no module named \['3'\]"):
+        curvlab.optimizer(mlp(), "kfac", "natural", layers=["3"])
+    with pytest.raises(ValueError, match="list of module names"):
+        curvlab.optimizer(mlp(), "kfac", "natural", layers="2")

@@ -1,2 +1,2 @@
 """Built-in curvature estimators (importing this package registers them)."""
-from . import identity, kfac  # noqa: F401
+from . import identity, isaac, kfac, miniblock, shampoo  # noqa: F401

@@ -28,4 +28,5 @@ class Identity(Estimator):
     """No curvature (C = I): first-order baselines; with rule='natural' it is momentum SGD."""
 
     fisher_types = ("empirical", "mc", "type2")
+    suggested = {"lr": 0.3, "momentum": 0.9}
     curvature_class = IdentityCurvature

@@ -117,6 +117,7 @@ class KFAC(Estimator):
         "damping_style": Option("pi", one_of("pi", "exact"),
                                 "'pi': factored pi-damping (eq. K.5); 'exact': (G (x) A + lambda I)^-1 via eigh (K.8)"),
     }
+    suggested = {"lr": 0.1, "damping": 0.1, "momentum": 0.5, "ema_decay": 0.95, "inv_interval": 5}
     curvature_class = KroneckerCurvature
 
     def captures(self) -> set[str]:
