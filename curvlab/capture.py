@@ -62,11 +62,13 @@ class HookCapture:
 
     def __init__(self, model: nn.Module, layers: dict[str, nn.Module], *, loss: str, fisher: str,
                  mc_samples: int, want_inputs: bool, want_fisher_grads: bool, want_real_grads: bool,
-                 is_stat_step, seed: int = 0) -> None:
+                 is_stat_step, seed: int = 0, every_step: frozenset[str] = frozenset()) -> None:
         self.model, self.layers = model, layers
         self.loss, self.fisher, self.mc_samples = loss, fisher, mc_samples
-        self.want_inputs = want_inputs or want_fisher_grads or want_real_grads
-        self.want_fisher_grads, self.want_real_grads = want_fisher_grads, want_real_grads
+        self.want_inputs = want_inputs or want_fisher_grads or want_real_grads or bool(every_step)
+        self.stat_needs = ({"inputs"} | ({"fisher_grads"} if want_fisher_grads else set())
+                           | ({"real_grads"} if want_real_grads else set()) | set(every_step))
+        self.every_step = frozenset(every_step)   # needs recorded on every step (a rule's, e.g. FOP's)
         self.is_stat_step = is_stat_step
         self.seed = seed
         self._generators: dict[torch.device, torch.Generator] = {}
@@ -80,12 +82,15 @@ class HookCapture:
             self._handles.append(model.register_forward_hook(self._model_hook))
 
     # -- hooks -----------------------------------------------------------------------------------------
-    def _active(self) -> bool:
-        return torch.is_grad_enabled() and not is_paused() and not self._busy and self.is_stat_step()
+    def _needs_now(self) -> frozenset[str] | set[str]:
+        """What this forward must record: everything on statistics steps, ``every_step`` otherwise."""
+        if not torch.is_grad_enabled() or is_paused() or self._busy:
+            return frozenset()
+        return self.stat_needs if self.is_stat_step() else self.every_step
 
     def _layer_hook(self, name: str):
         def hook(module, inputs, output):
-            if not self._active() or not isinstance(output, torch.Tensor) or not output.requires_grad:
+            if not self._needs_now() or not isinstance(output, torch.Tensor) or not output.requires_grad:
                 return None
             self._pending[name] = LayerRecord(inputs[0].detach(), output, output._version)
             # Downstream gets a copy, so an in-place op after the layer (nn.ReLU(inplace=True)) cannot
@@ -95,7 +100,8 @@ class HookCapture:
 
     def _model_hook(self, module, inputs, out):
         pending, self._pending = self._pending, {}
-        if not pending or not self._active():
+        needs = self._needs_now()
+        if not pending or not needs:
             return
         if not isinstance(out, torch.Tensor):
             raise TypeError(
@@ -109,14 +115,13 @@ class HookCapture:
                 )
             rec.batch_size = out.shape[0]
             self._records[name].append(rec)
-            if self.want_real_grads:
+            if "real_grads" in needs:
                 rec.output.register_hook(self._real_grad_hook(rec))
-        if self.want_fisher_grads:
-            out.register_hook(self._fisher_hook(out, list(pending.items())))
-        else:
+        if "fisher_grads" in needs:
+            out.register_hook(self._fisher_hook(out, list(pending.items()), keep="real_grads" in needs))
+        elif "real_grads" not in needs:
             for rec in pending.values():
-                if not self.want_real_grads:
-                    rec.output = None
+                rec.output = None
 
     def _real_grad_hook(self, rec: LayerRecord):
         def hook(grad):
@@ -124,7 +129,7 @@ class HookCapture:
                 rec.real_grad = grad.detach() * rec.batch_size
         return hook
 
-    def _fisher_hook(self, out: torch.Tensor, named: list[tuple[str, LayerRecord]]):
+    def _fisher_hook(self, out: torch.Tensor, named: list[tuple[str, LayerRecord]], keep: bool):
         def hook(grad):
             if self._busy:
                 return None
@@ -140,7 +145,7 @@ class HookCapture:
                             rec.fisher_grads.append((g.detach(), weight))
             finally:
                 self._busy = False
-                if not self.want_real_grads:
+                if not keep:
                     for _, rec in named:
                         rec.output = None
             return None

@@ -77,7 +77,7 @@ class CurvlabOptimizer(torch.optim.Optimizer):
             model, layers, loss=self.config["loss"], fisher=self.config["fisher"],
             mc_samples=self.config["mc_samples"], want_inputs="inputs" in needs,
             want_fisher_grads="fisher_grads" in needs, want_real_grads="real_grads" in needs,
-            is_stat_step=self._is_stat_step, seed=seed,
+            is_stat_step=self._is_stat_step, seed=seed, every_step=self.rule.every_step,
         ) if needs & {"inputs", "fisher_grads", "real_grads"} else None
 
     # -- construction ----------------------------------------------------------------------------------
@@ -139,13 +139,9 @@ class CurvlabOptimizer(torch.optim.Optimizer):
         if self.capture:
             self.capture.clear()
 
-    def update_curvature(self) -> bool:
-        """Fold the statistics captured since the last step into every layer's curvature.
-
-        Called by :meth:`step` on statistics steps; call it directly to inspect :meth:`blocks` without
-        stepping. Returns False (and changes nothing) if any layer's statistics are not finite.
-        """
-        new = {}
+    def _collect_stats(self) -> dict[str, LayerStats]:
+        """This step's :class:`LayerStats` of every preconditioned layer that has any (and clears capture)."""
+        out = {}
         for unit in self.units:
             if not unit.preconditioned:
                 continue
@@ -157,14 +153,27 @@ class CurvlabOptimizer(torch.optim.Optimizer):
             else:
                 stats = LayerStats(unit.name, unit.module, unit.adapter, unit.curvature.dtype, [], grad)
             if stats is not None and (stats.records or stats.grad is not None):
-                new[unit] = unit.curvature.statistics(stats)
-        bad = [u.name for u, s in new.items() if not _finite(s.values())]
+                out[unit.name] = stats
+        return out
+
+    def _accumulate(self, stats: dict[str, LayerStats]) -> bool:
+        by_name = {u.name: u for u in self.units}
+        new = {name: by_name[name].curvature.statistics(s) for name, s in stats.items()}
+        bad = [name for name, s in new.items() if not _finite(s.values())]
         if bad:
             self._skip(f"non-finite curvature statistics in layers {bad}")
             return False
-        for unit, stats in new.items():
-            unit.curvature.accumulate(stats, self.config["ema_decay"])
+        for name, s in new.items():
+            by_name[name].curvature.accumulate(s, self.config["ema_decay"])
         return True
+
+    def update_curvature(self) -> bool:
+        """Fold the statistics captured since the last step into every layer's curvature.
+
+        Called by :meth:`step` on statistics steps; call it directly to inspect :meth:`blocks` without
+        stepping. Returns False (and changes nothing) if any layer's statistics are not finite.
+        """
+        return self._accumulate(self._collect_stats())
 
     def refresh(self, force: bool = True) -> None:
         """Recompute inverses / roots (all layers, or only those not ready when ``force=False``)."""
@@ -182,7 +191,9 @@ class CurvlabOptimizer(torch.optim.Optimizer):
         if bad:
             self._skip(f"non-finite gradients in {bad}")
             return loss
-        if self._is_stat_step() and not self.update_curvature():
+        stat_step = self._is_stat_step()
+        stats = self._collect_stats() if stat_step or self.rule.every_step else {}
+        if stat_step and not self._accumulate(stats):
             return loss
         self.refresh(force=self._t % self.config["inv_interval"] == 0)
         for unit in self.units:
@@ -192,7 +203,7 @@ class CurvlabOptimizer(torch.optim.Optimizer):
                     "curvlab was not capturing (under torch.no_grad(), curvlab.capture.paused(), or on a statistics-"
                     "free step before the first statistics step). Run forward and backward in the plain loop."
                 )
-        plan = self.rule.plan(self.units, self.state)
+        plan = self.rule.plan(self.units, self.state, stats)
         if not _finite(plan.tensors()):
             self._skip("the update rule produced non-finite updates")
             return loss

@@ -78,3 +78,22 @@ class LayerStats:
         """``(N, d_out, d_in [+1])`` gradients of each example's loss (real labels) in the matrix view."""
         (g, _), = self.output_rows("real")
         return torch.einsum("nto,nti->noi", g, self.input_rows())
+
+    def sub_batch_grads(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean-loss gradients ``(g1, g2)`` of the first and second half of the batch, matrix view.
+
+        From ONE forward/backward (FOP, ALGORITHMS.md 2.2): ``g_k = (1/|B_k|) sum_{n in B_k} sum_t
+        g_{n,t} abar_{n,t}^T`` with real labels, two matmuls, no per-example gradients materialized.
+        Halves are ``n < ceil(N/2)`` and the rest; the batch needs at least 2 examples.
+        """
+        (g, _), = self.output_rows("real")
+        a = self.input_rows()
+        n = a.shape[0]
+        if n < 2:
+            raise ValueError(f"layer {self.name!r}: sub-batch gradients need a batch of at least 2 examples")
+        half = (n + 1) // 2
+        out = []
+        for sl in (slice(0, half), slice(half, n)):
+            gs, xs = g[sl], a[sl]
+            out.append(gs.reshape(-1, gs.shape[-1]).T @ xs.reshape(-1, xs.shape[-1]) / gs.shape[0])
+        return out[0], out[1]

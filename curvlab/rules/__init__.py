@@ -12,6 +12,7 @@ import torch
 
 from ..curvature import Estimator
 from ..hyper import Option
+from ..stats import LayerStats
 from ..units import Unit
 
 
@@ -32,6 +33,8 @@ class UpdateRule:
 
     options: dict[str, Option] = {}
     requires: frozenset[str] = frozenset({"solve"})
+    #: Captures the rule needs on EVERY step (not only statistics steps), e.g. FOP's {"inputs", "real_grads"}.
+    every_step: frozenset[str] = frozenset()
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = config
@@ -46,9 +49,12 @@ class UpdateRule:
 
     def captures(self) -> set[str]:
         """Extra statistics the rule needs from the capture backend (see Estimator.captures)."""
-        return set()
+        return set(self.every_step)
 
-    def plan(self, units: list[Unit], state: dict[torch.nn.Parameter, dict[str, Any]]) -> Plan:
+    def plan(self, units: list[Unit], state: dict[torch.nn.Parameter, dict[str, Any]],
+             stats: dict[str, LayerStats]) -> Plan:
+        """The step: ``stats`` holds this step's :class:`LayerStats` by unit name (statistics steps, or every
+        step for a rule with ``every_step``)."""
         raise NotImplementedError
 
 

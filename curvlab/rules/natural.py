@@ -16,6 +16,7 @@ import torch
 
 from ..hyper import Option, one_of
 from ..registry import register_rule
+from ..stats import LayerStats
 from ..units import Unit, inner
 from . import Plan, UpdateRule
 
@@ -29,7 +30,8 @@ class NaturalGradient(UpdateRule):
                                      "'coupled': g += wd*theta before preconditioning; 'decoupled': AdamW-style"),
     }
 
-    def directions(self, units: list[Unit]) -> list[tuple[Unit, list[torch.Tensor], list[torch.Tensor]]]:
+    def directions(self, units: list[Unit], stats: dict[str, LayerStats]
+                   ) -> list[tuple[Unit, list[torch.Tensor], list[torch.Tensor]]]:
         """``(unit, gradient, preconditioned direction)`` for every unit that has a gradient."""
         out = []
         coupled = self.config["weight_decay_style"] == "coupled"
@@ -50,8 +52,9 @@ class NaturalGradient(UpdateRule):
         vg = sum(float(inner(d, g)) * unit.hyper("lr") ** 2 for unit, g, d in dirs)
         return min(1.0, math.sqrt(kappa / vg)) if vg > 0 else 1.0
 
-    def plan(self, units: list[Unit], state: dict[torch.nn.Parameter, dict[str, Any]]) -> Plan:
-        dirs = self.directions(units)
+    def plan(self, units: list[Unit], state: dict[torch.nn.Parameter, dict[str, Any]],
+             stats: dict[str, LayerStats]) -> Plan:
+        dirs = self.directions(units, stats)
         nu = self.kl_factor(dirs)
         plan = Plan()
         decoupled = self.config["weight_decay_style"] == "decoupled"
