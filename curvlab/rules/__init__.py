@@ -58,4 +58,4 @@ class UpdateRule:
         raise NotImplementedError
 
 
-from . import natural  # noqa: E402,F401  (registers the built-in rules)
+from . import fop, natural, sngm  # noqa: E402,F401  (registers the built-in rules)

@@ -1,0 +1,116 @@
+"""FOP: Fisher-orthogonal projection (Lu & Armour, "Beyond the Mean: Fisher-Orthogonal Projection for
+Natural Gradient Descent in Large Batch Training", AAAI-26; arXiv 2508.13898; ALGORITHMS.md section 2).
+
+Per preconditioned unit (layer), from the mean gradients ``g1, g2`` of the two halves of the batch --
+taken from ONE forward and ONE backward through the captured inputs and output gradients
+(:meth:`curvlab.stats.LayerStats.sub_batch_grads`), never from two backward passes:
+
+    (F.1) g_avg = (g1 + g2)/2,   g_diff = g1 - g2
+    (F.2) s = <g_diff, F g_avg> / (<g_avg, F g_avg> + eps)          F: the UNDAMPED curvature (``mv``)
+    (F.3) g_perp = g_diff - s g_avg                                  => <g_avg, g_perp>_F = 0
+    (F.4) D = <g_avg, M^-1 g_perp>,  E = <g_perp, M^-1 g_perp>,  beta* = D / E    M^-1: the damped ``solve``
+    (F.5) g_comb = g_avg + beta* g_perp
+    (F.6) eta* = <g_tot, M^-1 g_comb> / <g_comb, M^-1 g_comb>
+    (F.7) direction = eta* M^-1 g_comb     (then lr, momentum, weight decay as the natural rule)
+
+The undamped-F projection with damped-inverse coefficients is "our reading" [U] of the paper (using the
+same metric in both would make D vanish identically, section 2.1). Guards (2.6): ``eps = 1e-12 |<g_avg, F g_avg>|``
+(relative only: the floor ``max(1, .)`` suggested in 2.1 swamps small gradients and breaks (F.3)); ``beta* = 0`` when ``E <= fop_tau * <g_avg, M^-1 g_avg>`` (the halves agree);
+``eta* = 1`` when ``<g_comb, M^-1 g_comb>`` is not positive. ``fop_gtot="avg"`` (default, ``eta*`` in
+[1/3, 1]) or ``"sum"`` (``g_tot = g1 + g2``, twice that) [U]. Units without curvature (first-order
+fallback) get the averaged gradient. Coupled weight decay is added to both halves.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..hyper import Option, non_negative, one_of
+from ..registry import register_rule
+from ..stats import LayerStats
+from ..units import Unit, inner
+from .natural import NaturalGradient
+
+
+@dataclass
+class FOPTerms:
+    """Every intermediate of (F.1)-(F.7) for one unit (parameter-shaped tensor lists and scalars)."""
+
+    g_avg: list[torch.Tensor]
+    g_perp: list[torch.Tensor]
+    inv_avg: list[torch.Tensor]            # M^-1 g_avg
+    inv_perp: list[torch.Tensor]           # M^-1 g_perp
+    s: float
+    beta: float
+    eta: float
+    direction: list[torch.Tensor]          # eta* M^-1 g_comb
+
+
+def fop_terms(unit: Unit, g1: list[torch.Tensor], g2: list[torch.Tensor], gtot: str = "avg",
+              tau: float = 1e-10) -> FOPTerms:
+    """FOP (F.1)-(F.7) for one unit from its two half-batch gradients."""
+    ga = [(a + b) * 0.5 for a, b in zip(g1, g2)]
+    gd = [a - b for a, b in zip(g1, g2)]
+    fga = unit.mv(ga)
+    quad = inner(ga, fga)
+    eps = 1e-12 * abs(float(quad)) + 1e-300
+    s = float(inner(gd, fga) / (quad + eps))
+    gp = [d - s * a for d, a in zip(gd, ga)]
+    pa, pp = unit.solve(ga), unit.solve(gp)
+    a_, d_, e_ = float(inner(ga, pa)), float(inner(ga, pp)), float(inner(gp, pp))
+    beta = d_ / e_ if e_ > tau * abs(a_) and e_ > 0 else 0.0
+    pc = [x + beta * y for x, y in zip(pa, pp)]
+    gc = [x + beta * y for x, y in zip(ga, gp)]
+    target = ga if gtot == "avg" else [a + b for a, b in zip(g1, g2)]
+    denom = float(inner(gc, pc))
+    eta = float(inner(target, pc)) / denom if denom > 0 else 1.0
+    return FOPTerms(ga, gp, pa, pp, s, beta, eta, [eta * x for x in pc])
+
+
+@register_rule("fop")
+class FisherOrthogonalProjection(NaturalGradient):
+    """Fisher-orthogonal projection of the half-batch gradient difference (large-batch natural gradient)."""
+
+    requires = frozenset({"solve", "mv"})
+    every_step = frozenset({"inputs", "real_grads"})
+    options = {
+        **NaturalGradient.options,
+        "fop_gtot": Option("avg", one_of("avg", "sum"), "g_tot in eta* (F.6): 'avg' = g_avg, 'sum' = g1 + g2"),
+        "fop_tau": Option(1e-10, non_negative, "beta* = 0 when E <= tau * <g_avg, M^-1 g_avg>"),
+    }
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        self.last_diagnostics: dict[str, dict[str, float]] = {}
+
+    def directions(self, units: list[Unit], stats: dict[str, LayerStats]):
+        out = []
+        coupled = self.config["weight_decay_style"] == "coupled"
+        self.last_diagnostics = {}
+        for unit in units:
+            grads = unit.grads()
+            if grads is None:
+                continue
+            wd = unit.hyper("weight_decay")
+            if not unit.preconditioned:
+                if wd and coupled:
+                    grads = [g.add(p, alpha=wd) for g, p in zip(grads, unit.params)]
+                out.append((unit, grads, grads))
+                continue
+            if unit.name not in stats:
+                raise RuntimeError(
+                    f"rule 'fop': layer {unit.name!r} has no captured statistics this step; run the forward and "
+                    "backward of the step with curvlab capturing (not under torch.no_grad or capture.paused())"
+                )
+            m1, m2 = stats[unit.name].sub_batch_grads()
+            g1 = [t.to(p.dtype) for t, p in zip(unit.adapter.from_matrix(unit.module, m1), unit.params)]
+            g2 = [t.to(p.dtype) for t, p in zip(unit.adapter.from_matrix(unit.module, m2), unit.params)]
+            if wd and coupled:
+                g1 = [g.add(p, alpha=wd) for g, p in zip(g1, unit.params)]
+                g2 = [g.add(p, alpha=wd) for g, p in zip(g2, unit.params)]
+            terms = fop_terms(unit, g1, g2, self.config["fop_gtot"], self.config["fop_tau"])
+            self.last_diagnostics[unit.name] = {"s": terms.s, "beta": terms.beta, "eta": terms.eta}
+            out.append((unit, terms.g_avg, terms.direction))
+        return out

@@ -1,0 +1,69 @@
+"""SNGM: stochastic normalized gradient descent with momentum (Zhao, Xie & Li, arXiv 2007.13985;
+Sci. China Inf. Sci. 2024; ALGORITHMS.md section 4, eqs. N.1-N.3).
+
+    u <- beta u + d / ||d||,    theta <- theta - lr u
+
+with ONE global norm ``||d||`` over all parameters (the authors report that a per-layer variant is not
+better; per-layer trust ratios are LARS, a different method). ``beta`` is the pinned ``momentum``.
+``d`` is the direction the estimator produces: the plain gradient for ``estimator="identity"`` (the
+paper's SNGM) and the preconditioned direction ``C^-1 g`` otherwise (a new variant this framework makes
+one line). Consequences: ``||u|| <= 1/(1 - beta)``, so a step moves the weights by at most
+``lr/(1 - beta)``; any constant factor on the loss cancels (exactly for ``identity``; for curvature
+estimators the damping breaks exact invariance).
+
+Weight decay (the paper's placement is unconfirmed [U]): ``sngm_weight_decay="coupled"`` (default: added
+to the gradient before preconditioning and normalization, as momentum SGD's L2 term, the usual reading
+of N.1) or ``"decoupled"`` (``theta <- theta - lr wd theta`` after the normalized step).
+Per-unit learning-rate multipliers (parameterizations) scale each unit's share of the step.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..hyper import Option, one_of
+from ..registry import register_rule
+from ..stats import LayerStats
+from ..units import Unit, inner
+from . import Plan
+from .natural import NaturalGradient
+
+EPS = 1e-12
+
+
+@register_rule("sngm")
+class SNGM(NaturalGradient):
+    """Normalized momentum u <- beta u + d/||d|| with one global norm (large-batch training)."""
+
+    options = {
+        "sngm_weight_decay": Option("coupled", one_of("coupled", "decoupled"),
+                                    "'coupled': wd*theta enters d before normalization; 'decoupled': after"),
+    }
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        if config.get("kl_clip") is not None:
+            raise ValueError("kl_clip has no effect with rule='sngm' (its step is normalized already); "
+                             "leave kl_clip=None")
+        super().__init__({**config, "weight_decay_style": config["sngm_weight_decay"]})
+
+    def plan(self, units: list[Unit], state: dict[torch.nn.Parameter, dict[str, Any]],
+             stats: dict[str, LayerStats]) -> Plan:
+        dirs = self.directions(units, stats)
+        if not dirs:
+            return Plan()
+        norm = torch.sqrt(sum(inner(d, d) for _, _, d in dirs))
+        scale = 1.0 / float(norm.clamp_min(EPS))
+        plan = Plan()
+        decoupled = self.config["weight_decay_style"] == "decoupled"
+        for unit, _, direction in dirs:
+            lr, beta, wd = unit.hyper("lr"), unit.hyper("momentum"), unit.hyper("weight_decay")
+            for p, d in zip(unit.params, direction):
+                buf = state.get(p, {}).get("sngm_momentum")
+                u = d * scale if buf is None else buf * beta + d * scale
+                plan.state.append((p, "sngm_momentum", u))
+                delta = u * (-lr)
+                if decoupled and wd:
+                    delta = delta.add(p, alpha=-lr * wd)
+                plan.updates.append((p, delta))
+        return plan
