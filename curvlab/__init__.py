@@ -14,8 +14,9 @@ from .curvature import Curvature, Estimator
 from .hyper import HyperParameterError
 from .linalg import FactorizationError
 from .optim import CurvlabOptimizer, optimizer
-from .registry import (ADAPTERS, ESTIMATORS, RULES, SCALINGS, describe, load_plugins, register_adapter,
-                       register_estimator, register_rule, register_scaling)
+from .registry import (ADAPTERS, DATASETS, ESTIMATORS, MODELS, RULES, SCALINGS, describe, load_plugins,
+                       register_adapter, register_dataset, register_estimator, register_model, register_rule,
+                       register_scaling)
 from .rules import Plan, UpdateRule
 from .scalings import Parameterization
 from .units import Unit
@@ -26,5 +27,5 @@ __all__ = [
     "optimizer", "CurvlabOptimizer", "Estimator", "Curvature", "UpdateRule", "Plan", "Parameterization",
     "LayerAdapter", "Unit", "UnsupportedLayer", "FactorizationError", "HyperParameterError",
     "register_estimator", "register_rule", "register_scaling", "register_adapter", "load_plugins", "describe",
-    "ESTIMATORS", "RULES", "SCALINGS", "ADAPTERS",
+    "register_dataset", "register_model", "ESTIMATORS", "RULES", "SCALINGS", "ADAPTERS", "DATASETS", "MODELS",
 ]

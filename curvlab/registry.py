@@ -5,7 +5,9 @@ Four kinds of components are registered by name:
 * ``estimator``  -- a :class:`curvlab.curvature.Estimator` subclass (kfac, identity, ...);
 * ``rule``       -- a :class:`curvlab.rules.UpdateRule` subclass (natural, ...);
 * ``scaling``    -- a :class:`curvlab.scalings.Parameterization` subclass (standard, ...);
-* ``adapter``    -- a :class:`curvlab.adapters.LayerAdapter` subclass (Linear, Conv2d, ...).
+* ``adapter``    -- a :class:`curvlab.adapters.LayerAdapter` subclass (Linear, Conv2d, ...);
+* ``dataset``    -- a loader function returning a :class:`curvlab.data.Split` (experiments);
+* ``model``      -- a model builder function (experiments).
 
 Register with the public decorators::
 
@@ -85,11 +87,15 @@ ESTIMATORS = Registry("estimator")
 RULES = Registry("rule")
 SCALINGS = Registry("scaling")
 ADAPTERS = Registry("adapter")
+DATASETS = Registry("dataset")
+MODELS = Registry("model")
 
 register_estimator = ESTIMATORS.register
 register_rule = RULES.register
 register_scaling = SCALINGS.register
 register_adapter = ADAPTERS.register
+register_dataset = DATASETS.register
+register_model = MODELS.register
 
 _plugins_loaded = False
 plugin_errors: dict[str, str] = {}
@@ -118,7 +124,9 @@ def load_plugins(force: bool = False) -> None:
 def describe() -> str:
     """A readable listing of everything registered (what ``curvlab list`` prints)."""
     lines = []
-    for reg in (ESTIMATORS, RULES, SCALINGS, ADAPTERS):
+    for reg in (ESTIMATORS, RULES, SCALINGS, ADAPTERS, DATASETS, MODELS):
+        if not reg._items:
+            continue
         lines.append(f"{reg.kind}s:")
         for name, cls in reg.items():
             doc = (cls.__doc__ or "").strip().splitlines()
