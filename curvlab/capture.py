@@ -54,6 +54,7 @@ class LayerRecord:
     version: int
     batch_size: int = 0                        # N of the loss this forward fed
     real_grad: torch.Tensor | None = None      # N * dL/ds, per-example scale
+    backpropagated: bool = False               # the backward reached this layer (inputs-only needs)
     fisher_grads: list[tuple[torch.Tensor, float]] = field(default_factory=list)
 
 
@@ -92,7 +93,10 @@ class HookCapture:
         def hook(module, inputs, output):
             if not self._needs_now() or not isinstance(output, torch.Tensor) or not output.requires_grad:
                 return None
+            needs = self._needs_now()
             self._pending[name] = LayerRecord(inputs[0].detach(), output, output._version)
+            if not needs & {"real_grads", "fisher_grads"}:
+                return None
             # Downstream gets a copy, so an in-place op after the layer (nn.ReLU(inplace=True)) cannot
             # modify the tensor whose gradient we read: one memcpy per layer, on statistics steps only.
             return output.clone()
@@ -108,7 +112,7 @@ class HookCapture:
                 f"curvlab needs the model to return one tensor (the input of the loss); got {type(out).__name__}"
             )
         for name, rec in pending.items():
-            if rec.output._version != rec.version:
+            if needs & {"real_grads", "fisher_grads"} and rec.output._version != rec.version:
                 raise RuntimeError(
                     f"the output of layer {name!r} was modified in place while the model ran; curvlab reads the "
                     "gradient with respect to it. Avoid in-place operations on the layer's own output tensor."
@@ -120,8 +124,15 @@ class HookCapture:
         if "fisher_grads" in needs:
             out.register_hook(self._fisher_hook(out, list(pending.items()), keep="real_grads" in needs))
         elif "real_grads" not in needs:
-            for rec in pending.values():
+            for rec in pending.values():           # inputs only: just note that the backward ran
+                rec.output.register_hook(self._mark_hook(rec))
                 rec.output = None
+
+    def _mark_hook(self, rec: LayerRecord):
+        def hook(grad):
+            if not self._busy:
+                rec.backpropagated = True
+        return hook
 
     def _real_grad_hook(self, rec: LayerRecord):
         def hook(grad):
@@ -161,7 +172,7 @@ class HookCapture:
         """Records of ``name`` whose backward ran since the last call (possibly empty)."""
         records = self._records[name]
         self._records[name] = []
-        done = [r for r in records if r.real_grad is not None or r.fisher_grads]
+        done = [r for r in records if r.real_grad is not None or r.fisher_grads or r.backpropagated]
         for r in done:
             r.output = None
         return done

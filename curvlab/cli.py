@@ -1,5 +1,5 @@
 """The ``curvlab`` command: ``list`` what is registered, ``check`` estimators against exact curvature,
-``demo`` the main job."""
+``demo`` the main job, ``coord-check`` the muP coordinate check (per-layer update size against width)."""
 from __future__ import annotations
 
 import argparse
@@ -14,6 +14,10 @@ def main(argv: list[str] | None = None) -> int:
     chk = sub.add_parser("check", help="relative error of each estimator block against torch.func exact curvature")
     chk.add_argument("--estimator", default="kfac")
     sub.add_parser("demo", help="the main job (see `curvlab demo --help`)", add_help=False)
+    sub.add_parser("coord-check", help="muP coordinate check (see `curvlab coord-check --help`)", add_help=False)
+    if argv[:1] == ["coord-check"]:
+        from .coord_check import main as coord_main
+        return coord_main(argv[1:])
     if argv[:1] == ["demo"]:
         from .demo import main as demo_main
         demo_main(argv[1:])

@@ -18,6 +18,17 @@ from .curvature import Curvature
 
 @dataclass(eq=False)
 class Unit:
+    """One step group. Parameterizations (:mod:`curvlab.scalings`) set the multipliers:
+
+    * ``lr_mult``, ``damping_mult``: applied to the group's ``lr`` / ``damping`` by :meth:`hyper`;
+    * ``damping_sides``: ``(m_A, m_G)``, separate multipliers of the input-side and output-side damping for
+      curvatures with two damped factors (K-FAC); set them with :meth:`set_damping_sides`, which pushes them
+      to the curvature (the curvature applies them at refresh time, on top of ``damping_mult``);
+    * ``norm_weight``: the weight of this unit's direction in a GLOBAL norm taken across units (SNGM):
+      ``||d|| = sqrt(sum_u norm_weight_u^2 ||d_u||^2)``; 1 is the Euclidean norm. Only rules that declare
+      ``norm_weights = True`` read it.
+    """
+
     name: str
     params: list[nn.Parameter]
     how: str
@@ -27,6 +38,8 @@ class Unit:
     group: dict[str, Any] = field(default_factory=dict)
     lr_mult: float = 1.0
     damping_mult: float = 1.0
+    damping_sides: tuple[float, float] = (1.0, 1.0)
+    norm_weight: float = 1.0
 
     @property
     def preconditioned(self) -> bool:
@@ -40,6 +53,18 @@ class Unit:
         if key == "damping":
             return value * self.damping_mult
         return value
+
+    def set_damping_sides(self, mult_a: float, mult_g: float) -> None:
+        """Per-side damping multipliers ``(m_A, m_G)``; ValueError if the curvature has no two damped sides."""
+        curv = self.curvature
+        if curv is None or not hasattr(curv, "damping_sides"):
+            what = "no curvature (first-order fallback)" if curv is None else type(curv).__name__
+            raise ValueError(f"unit {self.name!r}: per-side damping multipliers need a curvature with two damped "
+                             f"factors (K-FAC), but this unit has {what}; use damping_mult instead")
+        for label, value in (("mult_a", mult_a), ("mult_g", mult_g)):
+            if not (isinstance(value, (int, float)) and value > 0 and value < float("inf")):
+                raise ValueError(f"unit {self.name!r}: {label} must be a finite number > 0, got {value!r}")
+        self.damping_sides = curv.damping_sides = (float(mult_a), float(mult_g))
 
     def grads(self) -> list[torch.Tensor] | None:
         """Gradients of the unit's parameters (zeros for a missing one); ``None`` if none has a gradient."""

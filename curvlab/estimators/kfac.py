@@ -18,6 +18,15 @@ Kronecker order is ``G (x) A`` -- ALGORITHMS.md writes the column-major ``A (x) 
   Cholesky per factor;
 * ``damping_style="exact"`` (eq. K.8): the exact inverse of ``G (x) A + lambda I`` through the
   eigendecompositions of both factors;
+* ``damping_style="explicit"``: ``A + rho_A I`` and ``G + rho_B I`` with ``rho_A = lambda m_A`` and
+  ``rho_B = lambda m_B`` (the per-side form of muP for K-FAC, Ishikawa & Karakida, ICLR 2024, eq. P.3);
+* ``damping_style="trace"``: ``rho_A = lambda m_A tr(A)``, ``rho_B = lambda m_B tr(G)`` (the
+  trace-proportional heuristic of ALGORITHMS.md 5.1, width-consistent in every layer type);
+* per-side multipliers ``(m_A, m_B) = damping_sides`` (default ``(1, 1)``) are set per layer by a
+  parameterization through :meth:`curvlab.units.Unit.set_damping_sides` (``scaling="mup"`` does); in the
+  ``pi`` style they multiply ``pi sqrt(lambda)`` and ``sqrt(lambda)/pi``, in the ``exact`` style their product
+  multiplies ``lambda``. With the default ``(1, 1)`` the ``pi`` and ``exact`` styles are bit-for-bit the
+  plain formulas above. A parameterization may also set a layer's ``damping_style`` (muP's ``mup_damping``);
 * ``solve(V) = G_d^-1 V A_d^-1`` (eq. K.6), ``mv(V) = G V A`` (undamped), ``dense() = G (x) A``.
 
 Bias is folded into ``A`` through the homogeneous coordinate (the choice for which the exactness cases of
@@ -54,6 +63,10 @@ class KroneckerCurvature(Curvature):
         self.A: torch.Tensor | None = None
         self.G: torch.Tensor | None = None
         self.inverses: dict[str, torch.Tensor] = {}
+        #: damping style of this layer (``config["damping_style"]`` unless a parameterization changes it)
+        self.damping_style: str = self.config["damping_style"]
+        #: per-side damping multipliers ``(m_A, m_G)``; see the module docstring
+        self.damping_sides: tuple[float, float] = (1.0, 1.0)
 
     @property
     def ready(self) -> bool:
@@ -71,18 +84,37 @@ class KroneckerCurvature(Curvature):
     def refresh(self, damping: float) -> None:
         if self.A is None or self.G is None:
             return
-        if self.config["damping_style"] == "exact":
+        style = self.damping_style
+        side_a, side_g = self.damping_sides
+        if style == "exact":
             ea, qa = psd_eigh(self.A, self.name, self.events)
             eg, qg = psd_eigh(self.G, self.name, self.events)
             self.inverses = {"QA": qa, "eA": ea, "QG": qg, "eG": eg,
-                             "lam": torch.tensor(damping, dtype=self.dtype)}
+                             "lam": torch.tensor(damping * side_a * side_g, dtype=self.dtype)}
             return
-        pi = trace_norm_pi(self.A, self.G)
-        root = math.sqrt(damping)
+        rho_a, rho_g = self.side_damping(damping)
         self.inverses = {
-            "A_inv": spd_inverse(add_diagonal(self.A, pi * root), f"{self.name} (factor A)", self.events),
-            "G_inv": spd_inverse(add_diagonal(self.G, root / pi), f"{self.name} (factor G)", self.events),
+            "A_inv": spd_inverse(add_diagonal(self.A, rho_a), f"{self.name} (factor A)", self.events),
+            "G_inv": spd_inverse(add_diagonal(self.G, rho_g), f"{self.name} (factor G)", self.events),
         }
+
+    def side_damping(self, damping: float) -> tuple[float, float]:
+        """``(rho_A, rho_G)`` added to ``A`` and ``G`` at refresh for the factored styles (pi/explicit/trace)."""
+        if self.A is None or self.G is None:
+            raise RuntimeError(f"layer {self.name!r} has no K-FAC statistics yet: run a forward/backward first")
+        side_a, side_g = self.damping_sides
+        style = self.damping_style
+        if style == "pi":
+            pi = trace_norm_pi(self.A, self.G)
+            root = math.sqrt(damping)
+            return pi * root * side_a, root / pi * side_g
+        if style == "explicit":
+            return damping * side_a, damping * side_g
+        if style == "trace":
+            return (damping * side_a * float(self.A.diagonal().sum()),
+                    damping * side_g * float(self.G.diagonal().sum()))
+        raise ValueError(f"layer {self.name!r}: damping_style {style!r} has no per-side damping "
+                         "(one of 'pi', 'explicit', 'trace')")
 
     def solve(self, mat: torch.Tensor) -> torch.Tensor:
         inv = self.inverses
@@ -114,8 +146,10 @@ class KFAC(Estimator):
     """K-FAC / KFC: Kronecker factors A (x) G per layer (Martens & Grosse 2015; Grosse & Martens 2016)."""
 
     options = {
-        "damping_style": Option("pi", one_of("pi", "exact"),
-                                "'pi': factored pi-damping (eq. K.5); 'exact': (G (x) A + lambda I)^-1 via eigh (K.8)"),
+        "damping_style": Option("pi", one_of("pi", "exact", "explicit", "trace"),
+                                "'pi': factored pi-damping (eq. K.5); 'exact': (G (x) A + lambda I)^-1 via eigh "
+                                "(K.8); 'explicit': A + lambda m_A I, G + lambda m_G I; 'trace': A + lambda tr(A) I, "
+                                "G + lambda tr(G) I (m_A, m_G: per-side multipliers of a parameterization)"),
     }
     suggested = {"lr": 0.1, "damping": 0.1, "momentum": 0.5, "ema_decay": 0.95, "inv_interval": 5}
     curvature_class = KroneckerCurvature

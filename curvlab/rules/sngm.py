@@ -3,7 +3,8 @@ Sci. China Inf. Sci. 2024; ALGORITHMS.md section 4, eqs. N.1-N.3).
 
     u <- beta u + d / ||d||,    theta <- theta - lr u
 
-with ONE global norm ``||d||`` over all parameters (the authors report that a per-layer variant is not
+with ONE global norm ``||d|| = sqrt(sum_u w_u^2 ||d_u||^2)`` over all parameters (``w_u = Unit.norm_weight``,
+1 unless a parameterization sets it: plain Euclidean norm by default) (the authors report that a per-layer variant is not
 better; per-layer trust ratios are LARS, a different method). ``beta`` is the pinned ``momentum``.
 ``d`` is the direction the estimator produces: the plain gradient for ``estimator="identity"`` (the
 paper's SNGM) and the preconditioned direction ``C^-1 g`` otherwise (a new variant this framework makes
@@ -36,6 +37,9 @@ EPS = 1e-12
 class SNGM(NaturalGradient):
     """Normalized momentum u <- beta u + d/||d|| with one global norm (large-batch training)."""
 
+    #: The global norm weights each unit by ``Unit.norm_weight`` (1 = Euclidean; a parameterization such as
+    #: ``mup`` sets it so the norm of a width-consistent update does not grow with width).
+    norm_weights = True
     options = {
         "sngm_weight_decay": Option("coupled", one_of("coupled", "decoupled"),
                                     "'coupled': wd*theta enters d before normalization; 'decoupled': after"),
@@ -52,7 +56,7 @@ class SNGM(NaturalGradient):
         dirs = self.directions(units, stats)
         if not dirs:
             return Plan()
-        norm = torch.sqrt(sum(inner(d, d) for _, _, d in dirs))
+        norm = torch.sqrt(sum(unit.norm_weight ** 2 * inner(d, d) for unit, _, d in dirs))
         scale = 1.0 / float(norm.clamp_min(EPS))
         plan = Plan()
         decoupled = self.config["weight_decay_style"] == "decoupled"

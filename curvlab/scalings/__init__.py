@@ -31,3 +31,6 @@ class Standard(Parameterization):
     def configure(self, model: nn.Module, units: list[Unit], estimator: str, rule: str) -> None:
         for unit in units:
             unit.lr_mult = unit.damping_mult = 1.0
+
+
+from . import mup  # noqa: E402,F401  (registers scaling="mup")
