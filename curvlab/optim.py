@@ -36,7 +36,9 @@ log = logging.getLogger("curvlab")
 
 
 def _finite(tensors) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
+    """All entries of all tensors finite, with a single host synchronization."""
+    flags = [torch.isfinite(t).all() for t in tensors]
+    return bool(torch.stack(flags).all()) if flags else True
 
 
 class CurvlabOptimizer(torch.optim.Optimizer):
