@@ -12,7 +12,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="print the registered estimators, rules, scalings and layer adapters")
     chk = sub.add_parser("check", help="relative error of each estimator block against torch.func exact curvature")
-    chk.add_argument("--estimator", default="kfac")
+    chk.add_argument("--estimator", default=None, help="one estimator (default: K-FAC exact cases + every estimator)")
     sub.add_parser("demo", help="the main job (see `curvlab demo --help`)", add_help=False)
     sub.add_parser("coord-check", help="muP coordinate check (see `curvlab coord-check --help`)", add_help=False)
     if argv[:1] == ["coord-check"]:
