@@ -1,5 +1,5 @@
 """The ``curvlab`` command: ``list`` what is registered, ``check`` estimators against exact curvature,
-``demo`` the main job, ``coord-check`` the muP coordinate check (per-layer update size against width)."""
+``demo`` the main job, ``run``/``sweep``/``report`` experiments, ``coord-check`` the muP coordinate check (per-layer update size against width)."""
 from __future__ import annotations
 
 import argparse
@@ -15,6 +15,13 @@ def main(argv: list[str] | None = None) -> int:
     chk.add_argument("--estimator", default=None, help="one estimator (default: K-FAC exact cases + every estimator)")
     sub.add_parser("demo", help="the main job (see `curvlab demo --help`)", add_help=False)
     sub.add_parser("coord-check", help="muP coordinate check (see `curvlab coord-check --help`)", add_help=False)
+    for name, text in (("run", "train one configuration into a run directory (see `curvlab run --help`)"),
+                       ("sweep", "run a grid of configurations in parallel processes, resumable"),
+                       ("report", "tables and figures from finished runs")):
+        sub.add_parser(name, help=text, add_help=False)
+    if argv[:1] in (["run"], ["sweep"], ["report"]):
+        from .experiments import cli as exp_cli
+        return {"run": exp_cli.run_main, "sweep": exp_cli.sweep_main, "report": exp_cli.report_main}[argv[0]](argv[1:])
     if argv[:1] == ["coord-check"]:
         from .coord_check import main as coord_main
         return coord_main(argv[1:])
@@ -26,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "list":
         from .registry import describe
         import curvlab  # noqa: F401  (registers built-ins)
+        import curvlab.data, curvlab.models  # noqa: F401,E401  (register datasets and models)
         print(describe())
     elif args.command == "check":
         from .check import run_default_check

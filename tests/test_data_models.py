@@ -183,31 +183,96 @@ def test_small_cnn_bad_arguments() -> None:
         small_cnn(width=0)
 
 
+def test_small_cnn_non_square_inputs() -> None:
+    model = small_cnn(1, 4, 10, image_size=(1, 40))  # an MNIST-1D signal as a 1 x 40 image
+    assert model(torch.randn(3, 1, 1, 40)).shape == (3, 10)
+    assert model[-1].in_features == 4 * 1 * 7
+    assert small_cnn(1, 4, 10, image_size=28)[-1].in_features == 4 * 7 * 7
+
+
+def test_autoencoder_architecture() -> None:
+    from curvlab.models import autoencoder
+
+    model = autoencoder()
+    sizes = [(m.in_features, m.out_features) for m in model if isinstance(m, torch.nn.Linear)]
+    assert sizes == [(784, 1000), (1000, 500), (500, 250), (250, 30), (30, 250), (250, 500), (500, 1000),
+                     (1000, 784)]
+    kinds = [type(m).__name__ for m in model]
+    assert kinds[7] == "Linear" and kinds[6] == "Linear"  # linear code layer: no activation after 250 -> 30
+    assert kinds[-1] == "Sigmoid" and kinds.count("Sigmoid") == 7
+    out = model(torch.randn(2, 784))
+    assert out.shape == (2, 784) and bool(((out > 0) & (out < 1)).all())
+    small = autoencoder(64, width=16, code=4, activation="relu", output="linear")
+    assert [m.out_features for m in small if isinstance(m, torch.nn.Linear)] == [16, 8, 4, 4, 4, 8, 16, 64]
+    assert type(small[-1]).__name__ == "Linear"
+    with pytest.raises(ValueError, match="output"):
+        autoencoder(output="bce")
+
+
+def test_resnet_blocks_width_and_coverage() -> None:
+    import curvlab
+    from curvlab.models import BasicBlock, resnet
+
+    model = resnet(1, 10, width=4, blocks=2, stages=3)
+    blocks = [m for m in model if isinstance(m, BasicBlock)]
+    assert len(blocks) == 6 and [b.conv2.out_channels for b in blocks] == [4, 4, 8, 8, 16, 16]
+    assert [len(b.shortcut) for b in blocks] == [0, 0, 2, 0, 2, 0]  # 1x1 projection where the shape changes
+    assert model(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+    opt = curvlab.optimizer(model, "kfac", "natural")
+    fallback = [u["name"] for u in opt.coverage() if not u["preconditioned"]]
+    assert fallback and all("bn" in n or "shortcut.1" in n or n.startswith("1.") for n in fallback)
+
+
+@pytest.mark.parametrize("name, shape", [("mlp", (64,)), ("mlp", (1, 8, 8)), ("cnn", (1, 8, 8)), ("cnn", (1, 40)),
+                                         ("resnet", (1, 8, 8)), ("autoencoder", (1, 8, 8))])
+def test_registered_builders_take_flat_inputs(name: str, shape: tuple[int, ...]) -> None:
+    import curvlab
+
+    flat = 1
+    for s in shape:
+        flat *= s
+    outputs = flat if name == "autoencoder" else 10
+    kwargs = {"width": 8, "code": 2} if name == "autoencoder" else {"width": 8}
+    model = curvlab.MODELS.get(name)(shape, outputs, **kwargs)
+    assert model(torch.randn(3, flat)).shape == (3, outputs)
+
+
+def test_builders_reject_bad_inputs() -> None:
+    import curvlab
+
+    with pytest.raises(ValueError, match="needs image inputs"):
+        curvlab.MODELS.get("cnn")((20,), 10)
+    with pytest.raises(ValueError, match="num_outputs == 64"):
+        curvlab.MODELS.get("autoencoder")((64,), 10)
+    assert {"mlp", "cnn", "autoencoder", "resnet"} <= set(curvlab.MODELS.names())
+
+
 # ----------------------------------------------------------------------------- demo
-
-
-def test_run_method_is_reusable(split: Split) -> None:
-    from curvlab.demo import format_table, run_method
-
-    def make_sgd(model: torch.nn.Module) -> torch.optim.Optimizer:
-        return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-
-    runs = [run_method("sgd", make_sgd, split, 2, 64, seed=0, progress=False) for _ in range(2)]
-    a = runs[0]
-    assert a["history"]["test_accuracy"] == runs[1]["history"]["test_accuracy"]  # seeded
-    assert all(len(v) == 2 for v in a["history"].values())
-    assert a["steps"] == 2 * -(-split.num_train // 64)
-    assert a["summary"]["final_test_accuracy"] > 0.8
-    assert a["summary"]["final_train_loss"] < a["history"]["train_loss"][0] + 1e-9
-    table = format_table({"sgd": a})
-    assert "sgd" in table and "1.00" in table
 
 
 def test_demo_main_smoke(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
     from curvlab.demo import main
 
-    results = main(["--epochs", "1", "--quiet", "--out", str(tmp_path)])
-    assert set(results["methods"]) == {"kfac", "sgd"}
-    assert (tmp_path / "results.json").is_file() and (tmp_path / "curves.png").is_file()
+    results = main(["--epochs", "1", "--quiet", "--out", str(tmp_path), "--estimators", "kfac", "--workers", "1"])
+    assert list(results["methods"]) == ["sgd", "kfac", "sngm", "fop"] and not results["failed"]
+    assert (tmp_path / "results.json").is_file() and (tmp_path / "report" / "curves.png").is_file()
+    assert (tmp_path / "report" / "best_variant.png").is_file()
     out = capsys.readouterr().out
-    assert "kfac" in out and "sgd" in out and "final acc" in out
+    for text in ("sgd", "kfac", "sngm", "fop", "final acc", "ep->target", "x sgd"):
+        assert text in out
+    again = main(["--epochs", "1", "--quiet", "--out", str(tmp_path), "--estimators", "kfac", "--workers", "1",
+                  "--resume"])
+    assert again["ran"] == 0  # finished runs are reused
+    for name, method in results["methods"].items():
+        assert again["methods"][name]["summary"] == method["summary"]
+
+
+def test_ablation_covers_every_registered_estimator() -> None:
+    import curvlab
+    from curvlab.experiments.ablation import ablation_config
+
+    cfg = ablation_config()
+    names = [v["name"] for v in cfg["sweep"]["variants"]]
+    natural = [n for n in curvlab.ESTIMATORS.names() if n != "identity"]
+    assert names == ["sgd", *natural, "sngm", "fop"]
+    assert ablation_config(data_dir="/x")["data"] == {"name": "mnist", "dir": "/x"}

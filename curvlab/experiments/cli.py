@@ -1,0 +1,189 @@
+"""Command-line entry points ``curvlab run``, ``curvlab sweep`` and ``curvlab report``.
+
+``run_main(argv)``, ``sweep_main(argv)`` and ``report_main(argv)`` take the arguments after the
+sub-command and return an exit status (0 ok, 1 some runs failed, 2 bad configuration or input).
+
+Overrides, for ``run`` and ``sweep``: ``--set optimizer.lr=0.1`` (repeatable) or the same key as a flag,
+``--optimizer.lr 0.1`` / ``--optimizer.lr=0.1``; values are TOML values, bare words are strings
+(:func:`curvlab.experiments.config.parse_value`). For a sweep, ``--set sweep.grid.optimizer.lr=[0.1,0.3]``
+changes an axis.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .config import ConfigError, apply_overrides, load_config, resolve_config, run_id
+
+__all__ = ["run_main", "sweep_main", "report_main", "parse_overrides"]
+
+_EXPECTED = (ConfigError, ValueError, TypeError, ImportError)
+
+
+def parse_overrides(argv: Sequence[str], sets: Sequence[str] = ()) -> tuple[list[str], list[str]]:
+    """Split dotted flags (``--a.b v`` / ``--a.b=v``) out of ``argv``; return ``(other arguments,
+    key=value overrides)``, the ``--set`` values ``sets`` first. Done before argparse sees ``argv``, so
+    a flag's value is never mistaken for a positional argument.
+
+    Raises:
+        ConfigError: a dotted flag without a value, or an override that is not ``section.key=value``.
+    """
+    rest: list[str] = []
+    out = list(sets)
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        key = token[2:] if token.startswith("--") else ""
+        if "." in key.partition("=")[0]:
+            if "=" in key:
+                out.append(key)
+            elif i + 1 < len(argv):
+                out.append(f"{key}={argv[i + 1]}")
+                i += 1
+            else:
+                raise ConfigError(f"{token} needs a value, e.g. {token} 0.1")
+        else:
+            rest.append(token)
+        i += 1
+    for item in out:
+        key, sep, _ = item.partition("=")
+        if not sep or ("." not in key and key not in ("name", "imports")):
+            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. optimizer.lr=0.1)")
+    return rest, out
+
+
+def _load(path: str | None, overrides: list[str]) -> dict:
+    cfg = load_config(path) if path else {}
+    return apply_overrides(cfg, overrides)
+
+
+def _fail(err: BaseException) -> int:
+    print(f"error: {err}", file=sys.stderr)
+    return 2
+
+
+def run_main(argv: Sequence[str] | None = None) -> int:
+    """``curvlab run [CONFIG] [--set k=v ...] [--out runs]``: train one configuration."""
+    parser = argparse.ArgumentParser(prog="curvlab run", description="Train one configuration into a run "
+                                     "directory (resolved config, metrics.jsonl, summary.json, DONE).",
+                                     epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", nargs="?", help="TOML / YAML / JSON config (default: built-in defaults)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    parser.add_argument("--out", default="runs", help="parent folder of the run directory (default: runs)")
+    parser.add_argument("--run-dir", help="exact run directory (default: OUT/<run id>)")
+    parser.add_argument("--force", action="store_true", help="train again even if the run finished before")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar, only the final line")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and run id, stop")
+    try:
+        rest, dotted = parse_overrides(list(sys.argv[1:] if argv is None else argv))
+    except ConfigError as err:
+        return _fail(err)
+    args = parser.parse_args(rest)
+    try:
+        cfg = _load(args.config, [*args.set, *dotted])
+        if "sweep" in cfg:
+            raise ConfigError(f"{args.config} has a [sweep] table: run it with `curvlab sweep {args.config}`")
+        resolved = resolve_config(cfg)
+        if args.print_config:
+            print(json.dumps(resolved, indent=2))
+            print(f"run id: {run_id(resolved)}")
+            return 0
+        from .runner import run
+
+        result = run(resolved, args.out, run_dir=args.run_dir, quiet=args.quiet, force=args.force)
+    except _EXPECTED as err:
+        return _fail(err)
+    except KeyboardInterrupt:
+        print("\ninterrupted: the same command resumes from the last finished epoch", file=sys.stderr)
+        return 130
+    s = result.summary
+    state = "already finished" if result.skipped else "finished"
+    acc = s.get("final_test_accuracy")
+    what = f"final test accuracy {acc:.4f}, epochs to {s['target_accuracy']:g}: {s.get('epochs_to_target') or '-'}" \
+        if acc is not None else f"final test loss {s['final_test_loss']:.6g}"
+    print(f"run {result.run_id} {state}: {what}, step {s['mean_step_ms']:.2f} ms "
+          f"(refresh {s['refresh_ms_per_step']:.2f} ms/step) -> {result.run_dir}")
+    return 0
+
+
+def sweep_main(argv: Sequence[str] | None = None) -> int:
+    """``curvlab sweep CONFIG [--workers N] [--out DIR]``: run a grid, resumable; then report it."""
+    parser = argparse.ArgumentParser(prog="curvlab sweep", description="Expand the config's [sweep] grid into "
+                                     "runs, run the unfinished ones in parallel processes, report.",
+                                     epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help="TOML / YAML / JSON config with a [sweep] table")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    parser.add_argument("--out", help="sweep folder (default: sweeps/<config file stem>)")
+    parser.add_argument("--workers", type=int, help="parallel processes (default: sweep.workers or 1)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--list", action="store_true", help="list the runs (id, finished, name) and stop")
+    parser.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    try:
+        rest, dotted = parse_overrides(list(sys.argv[1:] if argv is None else argv))
+    except ConfigError as err:
+        return _fail(err)
+    args = parser.parse_args(rest)
+    from .runner import is_finished
+    from .sweep import expand_sweep, run_sweep
+
+    out = Path(args.out or Path("sweeps") / Path(args.config).stem)
+    try:
+        cfg = _load(args.config, [*args.set, *dotted])
+        if args.list:
+            for point in expand_sweep(cfg):
+                done = "done" if is_finished(out / "runs" / point.run_id) else "todo"
+                print(f"{point.run_id}  {done}  {point.config['name']}")
+            return 0
+        result = run_sweep(cfg, out, workers=args.workers, quiet=args.quiet)
+    except _EXPECTED as err:
+        return _fail(err)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished runs are kept; `curvlab sweep {args.config} --out {out}` resumes",
+              file=sys.stderr)
+        return 130
+    if not args.no_report and len(result.failed) < len(result.run_ids):
+        from .reporting import report
+
+        report(out, quiet=args.quiet)
+    if result.failed:
+        print(f"{len(result.failed)} run(s) failed (see runs/<id>/error.txt); run the sweep again to retry them: "
+              + ", ".join(result.failed), file=sys.stderr)
+        return 1
+    return 0
+
+
+def report_main(argv: Sequence[str] | None = None) -> int:
+    """``curvlab report DIR [--out DIR] [--baseline LABEL]``: tables and figures of the finished runs."""
+    parser = argparse.ArgumentParser(prog="curvlab report", description="Aggregate every finished run under "
+                                     "DIR into report.csv, runs.csv, report.txt and figures.")
+    parser.add_argument("dir", help="folder holding run directories (a sweep folder, or any parent)")
+    parser.add_argument("--out", help="where to write (default: DIR/report)")
+    parser.add_argument("--baseline", help="configuration label the step times are divided by "
+                        "(default: the identity+natural one, i.e. SGD, if present)")
+    parser.add_argument("--no-figures", action="store_true", help="tables only")
+    parser.add_argument("--quiet", action="store_true", help="do not print the table")
+    args = parser.parse_args(argv)
+    from .reporting import report
+
+    try:
+        report(args.dir, args.out, baseline=args.baseline, figures=not args.no_figures, quiet=args.quiet)
+    except _EXPECTED as err:
+        return _fail(err)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m curvlab.experiments.cli run|sweep|report ...`` (the same as ``curvlab run|sweep|report``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"run": run_main, "sweep": sweep_main, "report": report_main}
+    if not argv or argv[0] not in commands:
+        print("usage: python -m curvlab.experiments.cli {run,sweep,report} ...", file=sys.stderr)
+        return 2
+    return commands[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
