@@ -55,18 +55,24 @@ class NaturalGradient(UpdateRule):
     def plan(self, units: list[Unit], state: dict[torch.nn.Parameter, dict[str, Any]],
              stats: dict[str, LayerStats]) -> Plan:
         dirs = self.directions(units, stats)
-        nu = self.kl_factor(dirs)
+        return self.momentum_plan(dirs, state, self.kl_factor(dirs), "momentum_buffer", keep_buffer=False)
+
+    def momentum_plan(self, dirs, state: dict[torch.nn.Parameter, dict[str, Any]], scale: float, key: str,
+                      keep_buffer: bool) -> Plan:
+        """``m <- mu m + scale d`` (first step ``m = scale d``), ``theta <- theta - lr m`` (+ decoupled decay).
+
+        The buffer lives in ``state[p][key]``; with ``mu = 0`` it is kept only if ``keep_buffer``."""
         plan = Plan()
         decoupled = self.config["weight_decay_style"] == "decoupled"
         for unit, _, direction in dirs:
             lr, mu, wd = unit.hyper("lr"), unit.hyper("momentum"), unit.hyper("weight_decay")
             for p, d in zip(unit.params, direction):
-                if nu != 1.0:
-                    d = d * nu
-                if mu:
-                    buf = state.get(p, {}).get("momentum_buffer")
+                if scale != 1.0:
+                    d = d * scale
+                if mu or keep_buffer:
+                    buf = state.get(p, {}).get(key)
                     d = d.clone() if buf is None else buf * mu + d
-                    plan.state.append((p, "momentum_buffer", d))
+                    plan.state.append((p, key, d))
                 delta = d * (-lr)
                 if decoupled and wd:
                     delta = delta.add(p, alpha=-lr * wd)

@@ -57,17 +57,4 @@ class SNGM(NaturalGradient):
         if not dirs:
             return Plan()
         norm = torch.sqrt(sum(unit.norm_weight ** 2 * inner(d, d) for unit, _, d in dirs))
-        scale = 1.0 / float(norm.clamp_min(EPS))
-        plan = Plan()
-        decoupled = self.config["weight_decay_style"] == "decoupled"
-        for unit, _, direction in dirs:
-            lr, beta, wd = unit.hyper("lr"), unit.hyper("momentum"), unit.hyper("weight_decay")
-            for p, d in zip(unit.params, direction):
-                buf = state.get(p, {}).get("sngm_momentum")
-                u = d * scale if buf is None else buf * beta + d * scale
-                plan.state.append((p, "sngm_momentum", u))
-                delta = u * (-lr)
-                if decoupled and wd:
-                    delta = delta.add(p, alpha=-lr * wd)
-                plan.updates.append((p, delta))
-        return plan
+        return self.momentum_plan(dirs, state, 1.0 / float(norm.clamp_min(EPS)), "sngm_momentum", keep_buffer=True)
