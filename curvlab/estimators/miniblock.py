@@ -1,1 +1,442 @@
-"""Placeholder: filled in by the issue-3 work."""
+"""MBF: the mini-block empirical Fisher (Bahamou, Goldfarb & Ren, AISTATS 2023; ALGORITHMS.md section 3).
+
+Each layer's block of the EMPIRICAL Fisher ``E = (1/N) sum_n grad l_n grad l_n^T`` (real labels, pitfall P0
+handled by the capture backend) is approximated by a block-diagonal matrix of many small "mini-blocks",
+each the exact sub-block of ``E`` over its entries of ``Wbar`` (the adapter's ``(d_out, d_in[+1])`` view):
+
+* Linear (eq. M.3/M.4): one block per output neuron ``i`` over ``wbar_i = [W[i, :], b_i]``,
+  ``F_i = (1/N) sum_n g_{n,i}^2 abar_n abar_n^T``. ``miniblock_size=m`` splits every row into contiguous
+  chunks of ``<= m`` entries (``1`` = the diagonal empirical Fisher), ``"layer"`` = one block per layer (the
+  dense empirical-Fisher block), ``None`` (default) = one block per row (the layout of ALGORITHMS 3.2 [U]).
+* Conv2d (eq. M.1/M.2): ``miniblock_conv="kernel"`` (default) gives one ``k_h k_w`` block per (output channel
+  ``i``, input channel ``j``) kernel slice and 1x1 blocks for the biases; the default because 3.2 argues
+  that "many blocks of modest size" rules out per-channel blocks of up to 4608 entries [U].
+  ``"channel"`` gives one block per output channel (``c_in k_h k_w (+1)``), ``"layer"`` one per layer.
+
+Statistics go straight into the blocks, chunked so that no intermediate exceeds ``_CHUNK`` elements: with
+one input row per example (Linear on 2-D inputs) ``F_i = A^T diag(g_i^2) A`` as batched GEMMs without any
+per-example gradient; otherwise (Conv2d, Linear on sequences) per-example gradients are formed for a chunk
+of examples at a time (ALGORITHMS 3.4) and reduced into the blocks. EMA (eq. M.5) uses ``ema_decay``;
+Tikhonov damping (eq. M.6) is added per block at ``refresh`` only: ``miniblock_damping="absolute"``
+(default: ``F_b + lambda I``, the pinned meaning of ``damping``) or ``"relative"`` (``F_b + lambda
+mean(diag F_b) I``, suggested by 3.5/3.8 [U]). Blocks of one size are inverted by one batched Cholesky
+call; failing blocks go through the ladder of :mod:`curvlab.linalg` (float64, jitter, clamped eigh),
+reported as :class:`~curvlab.linalg.NumericsEvent`.
+
+Storage modes (``miniblock_mode``, per layer; 3.2 (a)-(c)):
+
+* ``"direct"``: stored blocks and their inverses (size <= 32) or Cholesky factors, ``2 sum_b m_b^2`` numbers;
+* ``"woodbury"`` (eq. M.9, one block per row of a Linear layer on 2-D inputs): keeps ``Z_i = diag(g_i) Abar
+  / sqrt(N)`` in factored form and one ``R x R`` core per row (``R`` = examples kept), exact for
+  ``ema_decay=0``; with ``ema_decay>0`` it is an EMA truncated to the last ``miniblock_window`` batches;
+* ``"chunked"``: the direct mode with every block split into contiguous chunks of ``<= miniblock_chunk``;
+* ``"auto"`` (default): direct if it fits ``miniblock_memory_mb``, else Woodbury if it applies and fits,
+  else chunked (the chunk halved until it fits). Decided at the first statistics step and logged.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..curvature import Curvature, Estimator
+from ..hyper import FISHER_TYPES, HyperParameterError, Option, one_of, positive, positive_int
+from ..linalg import FactorizationError, NumericsEvent, add_diagonal, symmetrize
+from ..registry import register_estimator
+from ..stats import LayerStats
+
+log = logging.getLogger("curvlab")
+_CHUNK = 2 ** 23  # largest intermediate of the statistics, in elements
+_INV_MAX = 32     # blocks up to this size keep their inverse (one bmm per solve), larger ones the Cholesky factor
+
+
+def _size(name: str, value: Any) -> int | str | None:
+    if value is None or value == "layer":
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise HyperParameterError(f"{name} must be None (one block per row), a positive int (chunk size) or "
+                                  f"'layer' (one block per layer), got {value!r}")
+    return value
+
+
+# -- layouts ---------------------------------------------------------------------------------------------
+@dataclass
+class Group:
+    """Mini-blocks of one size ``m``: ``idx`` ``(B, m)`` indexes row-major ``vec(Wbar)``. ``cols`` ``(C, m)``
+    is set when every row has the same column chunks (then ``B = d_out C``, blocks ordered (row, chunk))."""
+
+    idx: Tensor
+    cols: Tensor | None
+
+
+def _split(t: Tensor, m: int) -> list[Tensor]:
+    """Split the rows of ``t`` ``(B, k)`` into contiguous pieces of ``<= m``: ``(B q, m)`` and ``(B, k - q m)``."""
+    b, k = t.shape
+    if k <= m:
+        return [t]
+    q = k // m
+    return [t[:, :q * m].reshape(b * q, m)] + ([t[:, q * m:]] if k > q * m else [])
+
+
+def _rows(cols: Tensor, d_out: int, width: int) -> Group:
+    idx = torch.arange(d_out).reshape(-1, 1, 1) * width + cols.unsqueeze(0)
+    return Group(idx.reshape(-1, cols.shape[1]), cols)
+
+
+def build_layout(weight_shape: torch.Size, shape: tuple[int, int], size: int | str | None, conv: str,
+                 chunk: int | None = None) -> list[Group]:
+    """The mini-block groups of a layer (see the module doc); ``chunk`` splits every block into ``<= chunk``."""
+    d_out, width = shape
+    style = conv if len(weight_shape) > 2 else ("layer" if size == "layer" else "rows")
+    if style == "layer":
+        groups = [Group(torch.arange(d_out * width).reshape(1, -1), None)]
+    else:
+        if style == "kernel":
+            c_in, k = weight_shape[1], math.prod(weight_shape[2:])
+            col_sets = [torch.arange(c_in * k).reshape(c_in, k)]
+            if width > c_in * k:
+                col_sets.append(torch.tensor([[width - 1]]))
+        else:
+            col_sets = [torch.arange(width).reshape(1, width)]
+            if style == "rows" and isinstance(size, int):
+                col_sets = _split(col_sets[0], size)
+        groups = [_rows(c, d_out, width) for c in col_sets]
+    if chunk is not None:
+        groups = [_rows(c, d_out, width) for g in groups if g.cols is not None for c in _split(g.cols, chunk)] + \
+                 [Group(i, None) for g in groups if g.cols is None for i in _split(g.idx, chunk)]
+    return groups
+
+
+# -- batched numerics ladder -----------------------------------------------------------------------------
+def batched_cholesky(m: Tensor, layer: str, events: list[NumericsEvent] | None = None,
+                     jitter: float = 1e-10) -> Tensor:
+    """Lower factors ``L`` with ``L L^T = m_b`` for the SPD blocks ``m`` ``(B, k, k)``, by one batched Cholesky.
+
+    Blocks that fail go through the ladder of :func:`curvlab.linalg.spd_inverse` (float64; jitter
+    ``jitter * mean diag * 10^j``, the mean over all blocks as the layer's scale; eigendecomposition with
+    eigenvalues clamped at ``jitter * mean diag``, refactored as ``L = R^T`` from ``QR(diag(sqrt e) Q^T)``),
+    reported as one :class:`NumericsEvent`."""
+    chol, info = torch.linalg.cholesky_ex(m)            # reads the lower triangle only: no symmetrization needed
+    bad = (info != 0) | ~torch.isfinite(chol.diagonal(dim1=-2, dim2=-1)).all(1)   # NaN/Inf reach the diagonal
+    if not bool(bad.any()):
+        return chol
+    which = bad.nonzero().squeeze(1)
+    sub = symmetrize(m[which].double())
+    if not bool(torch.isfinite(sub).all()):
+        raise FactorizationError(f"layer {layer!r}: mini-blocks to invert contain NaN/Inf")
+    scale = max(float(m.diagonal(dim1=-2, dim2=-1).double().abs().mean()), 1e-30)
+    out = torch.empty_like(sub)
+    todo = torch.ones(len(which), dtype=torch.bool, device=m.device)
+    counts = []
+    for j in range(-1, 5):
+        if not bool(todo.any()):
+            break
+        fac, info = torch.linalg.cholesky_ex(add_diagonal(sub[todo], 0.0 if j < 0 else jitter * scale * 10.0 ** j))
+        ok = info == 0
+        pos = todo.nonzero().squeeze(1)[ok]
+        out[pos], todo[pos] = fac[ok], False
+        counts.append(len(pos))
+    if bool(todo.any()):
+        evals, evecs = torch.linalg.eigh(sub[todo])
+        root = evals.clamp_min(jitter * scale).sqrt().unsqueeze(-1) * evecs.transpose(-1, -2)
+        r = torch.linalg.qr(root).R
+        out[todo] = (r * torch.where(r.diagonal(dim1=-2, dim2=-1) < 0, -1.0, 1.0).unsqueeze(-1)).transpose(-1, -2)
+    if not bool(torch.isfinite(out).all()):
+        raise FactorizationError(f"layer {layer!r}: could not factorize {len(which)} mini-blocks (Cholesky, float64, "
+                                 "jitter and eigendecomposition all failed); increase `damping`")
+    chol[which] = out.to(chol.dtype)
+    ev = NumericsEvent(layer, f"{len(which)}/{m.shape[0]} mini-blocks of size {m.shape[-1]} failed Cholesky in "
+                              f"{m.dtype}: {counts[0]} succeeded in float64, {sum(counts[1:])} with jitter, "
+                              f"{int(todo.sum())} by eigendecomposition (eigenvalues clamped)")
+    log.warning("curvlab numerics: %s", ev)
+    if events is not None:
+        events.append(ev)
+    return chol
+
+
+def chol_solve(chol: Tensor, rhs: Tensor) -> Tensor:
+    """``(L L^T)^-1 x`` for every block: ``chol`` ``(B, k, k)``, ``rhs`` ``(B, k)``."""
+    y = torch.linalg.solve_triangular(chol, rhs.unsqueeze(-1), upper=False)
+    return torch.linalg.solve_triangular(chol.transpose(-1, -2), y, upper=True).squeeze(-1)
+
+
+def _factor(damped: Tensor, layer: str, events: list[NumericsEvent]) -> Tensor:
+    """What ``solve`` keeps of the damped blocks: the inverse for blocks up to ``_INV_MAX`` (on CPU, triangular
+    solves on many tiny blocks cost 4-8x a ``bmm``), the Cholesky factor above (where ``cholesky_inverse`` costs
+    ~15x the factorization and two triangular solves ~1.5x a ``bmm``)."""
+    chol = batched_cholesky(damped, layer, events)
+    return torch.cholesky_inverse(chol) if chol.shape[-1] <= _INV_MAX else chol
+
+
+def _solve(factor: Tensor, rhs: Tensor) -> Tensor:
+    if factor.shape[-1] <= _INV_MAX:
+        return torch.bmm(factor, rhs.unsqueeze(-1)).squeeze(-1)
+    return chol_solve(factor, rhs)
+
+
+def _row_stats(a: Tensor, g: Tensor, cols: Tensor) -> Tensor:
+    """``sum_n g_{n,i}^2 a_{n,c} a_{n,c}^T`` for every row ``i`` and column chunk ``c`` (eq. M.4 without 1/N):
+    ``(d_out C, m, m)`` from ``a`` ``(N, D)``, ``g`` ``(N, d_out)``; no per-example gradient is formed.
+
+    Blocks up to 256: one GEMM ``g^2^T Q`` with ``Q = a_c a_c^T`` flattened, packed to its upper triangle
+    (half the flops, but gathers) when the GEMM dominates (``d_out >= 256``, ``m >= 64``); larger blocks:
+    per row ``(A diag(g_i^2))^T A`` as batched GEMMs over rows."""
+    (n, d_out), (c, m) = g.shape, cols.shape
+    g2 = g.square()
+    if m == 1:
+        return (g2.T @ a[:, cols[:, 0]].square()).reshape(-1, 1, 1)
+    if m <= 256 and (m < 64 or d_out < 256):
+        out = a.new_zeros(d_out, c * m * m)
+        nc = -(-n // -(-n * c * m * m // _CHUNK))                                          # balanced chunks
+        for s in range(0, n, nc):
+            x = a[s:s + nc][:, cols]                                                       # (nc, C, m)
+            out.addmm_(g2[s:s + nc].T, (x.unsqueeze(-1) * x.unsqueeze(-2)).reshape(len(x), -1))
+        return out.view(-1, m, m)
+    if m <= 256:
+        iu = torch.triu_indices(m, m, device=a.device)
+        t = iu.shape[1]
+        packed = a.new_zeros(d_out, c, t)
+        cc, nc = max(1, _CHUNK // (n * t)), -(-n // -(-n * t // _CHUNK))          # balanced example chunks
+        for c0 in range(0, c, cc):
+            ac = a[:, cols[c0:c0 + cc]]                                                    # (N, cc, m)
+            for s in range(0, n, nc):
+                x = ac[s:s + nc]
+                q = torch.index_select(x, 2, iu[0]) * torch.index_select(x, 2, iu[1])      # packed a a^T
+                packed[:, c0:c0 + cc] += (g2[s:s + nc].T @ q.reshape(len(x), -1)).view(d_out, -1, t)
+        out, flat = a.new_empty(d_out * c, m * m), packed.view(-1, t)
+        out.index_copy_(1, iu[0] * m + iu[1], flat).index_copy_(1, iu[1] * m + iu[0], flat)
+        return out.view(-1, m, m)
+    ac = a[:, cols]                                                                        # (N, C, m)
+    at, an = ac.permute(1, 2, 0), ac.transpose(0, 1)                                      # (C, m, N), (C, N, m)
+    out = a.new_empty(d_out, c, m, m)
+    step = max(1, _CHUNK // (n * c * m))
+    for s in range(0, d_out, step):
+        out[s:s + step] = torch.matmul(at * g2[:, s:s + step].T[:, None, None, :], an)
+    return out.reshape(-1, m, m)
+
+
+def _block_damping(diag_mean: Tensor, damping: float, relative: bool) -> Tensor:
+    """Per-block Tikhonov damping: ``lambda`` or ``lambda * mean(diag F_b)`` (zero blocks get the layer mean)."""
+    if not relative:
+        return torch.full_like(diag_mean, damping)
+    floor = float(diag_mean.mean()) if bool((diag_mean > 0).any()) else 1.0
+    return damping * torch.where(diag_mean > 0, diag_mean, torch.full_like(diag_mean, floor))
+
+
+class MiniBlockCurvature(Curvature):
+    """Block-diagonal mini-block empirical Fisher of one Linear / Conv2d layer."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.mode: str | None = None
+        self.chunk: int | None = None
+        self.groups: list[Group] = []
+        self.blocks: list[Tensor] | None = None          # direct / chunked: EMA statistics per group
+        self.factors: list[Tensor] | None = None         # inverses / Cholesky factors of the damped blocks
+        self.history: list[tuple[Tensor, Tensor, float]] = []   # woodbury: (Abar/sqrt(N), g, EMA weight)
+        self.wood: dict[str, Tensor] | None = None
+
+    @property
+    def ready(self) -> bool:
+        return (self.wood if self.mode == "woodbury" else self.factors) is not None
+
+    def _layout(self, chunk: int | None) -> list[Group]:
+        cfg = self.config
+        return build_layout(self.module.weight.shape, self.shape, cfg["miniblock_size"], cfg["miniblock_conv"], chunk)
+
+    def _set_mode(self, mode: str, chunk: int | None) -> None:
+        self.mode, self.chunk = mode, chunk
+        self.groups = [Group(g.idx.to(self.device), None if g.cols is None else g.cols.to(self.device))
+                       for g in self._layout(chunk)]
+
+    def _plan(self, n: int, t: int) -> None:
+        """Pick the storage mode (module doc) from the memory budget, the first time statistics arrive."""
+        cfg, item = self.config, torch.finfo(self.dtype).bits // 8
+        mode, budget, d_out = cfg["miniblock_mode"], cfg["miniblock_memory_mb"] * 2 ** 20, self.shape[0]
+
+        def direct(chunk: int | None) -> int:
+            return 2 * item * sum(g.idx.shape[0] * g.idx.shape[1] ** 2 for g in self._layout(chunk))
+
+        base = self._layout(None)
+        rows = t == 1 and len(base) == 1 and base[0].cols is not None and base[0].cols.shape[0] == 1
+        r = n * cfg["miniblock_window"]
+        woodbury = item * (d_out * r * r + r * sum(self.shape))
+        if mode == "woodbury" and not rows:
+            raise ValueError(f"layer {self.name!r}: miniblock_mode='woodbury' needs one block per output row of a "
+                             f"layer with one input row per example (Linear on 2-D inputs, miniblock_size=None); "
+                             f"use miniblock_mode='direct' or 'chunked'")
+        chunk = cfg["miniblock_chunk"] if mode == "chunked" else None
+        if mode == "auto":
+            if direct(None) <= budget:
+                mode = "direct"
+            elif rows and woodbury <= min(budget, direct(None)):
+                mode = "woodbury"
+            else:
+                mode, chunk = "chunked", cfg["miniblock_chunk"]
+                while chunk > 1 and direct(chunk) > budget:
+                    chunk //= 2
+            log.info("curvlab miniblock: layer %r uses mode %r%s", self.name, mode,
+                     f" (chunks of <= {chunk})" if chunk else "")
+        if mode == "woodbury" and cfg["ema_decay"] > 0:
+            log.warning("curvlab miniblock: layer %r (woodbury mode) keeps an EMA truncated to the last %d "
+                        "statistics batch(es) (miniblock_window)", self.name, cfg["miniblock_window"])
+        self._set_mode(mode, chunk)
+
+    # -- statistics (eq. M.1-M.4) ------------------------------------------------------------------------
+    def statistics(self, stats: LayerStats) -> dict[str, Tensor]:
+        """This batch's blocks (or Woodbury factors); the first call also fixes the storage mode (``_plan``)."""
+        a = stats.input_rows()                                         # (N, T, D)
+        (g, _), = stats.output_rows("real")                            # (N, T, d_out), N * grad_output
+        n, t, width = a.shape
+        if (width, g.shape[-1]) != (self.shape[1], self.shape[0]):
+            raise ValueError(f"layer {self.name!r}: captured rows have d_in={width}, d_out={g.shape[-1]}, expected "
+                             f"{self.shape[1]}, {self.shape[0]} (does the adapter match the module?)")
+        if self.mode is None:
+            self._plan(n, t)
+        if self.mode == "woodbury":
+            if t != 1:
+                raise ValueError(f"layer {self.name!r}: woodbury mode got {t} input rows per example; it needs one")
+            return {"a": a[:, 0] / math.sqrt(n), "g": g[:, 0].clone()}
+        if t == 1 and all(gr.cols is not None for gr in self.groups):
+            blocks = [_row_stats(a[:, 0], g[:, 0], gr.cols) / n for gr in self.groups]
+        else:
+            blocks = [a.new_zeros(gr.idx.shape[0], gr.idx.shape[1], gr.idx.shape[1]) for gr in self.groups]
+            size = self.shape[0] * width
+            step = max(1, _CHUNK // size)
+            for s in range(0, n, step):
+                peg = torch.einsum("nto,nti->noi", g[s:s + step], a[s:s + step]).reshape(-1, size)  # (M.1)
+                for blk, gr in zip(blocks, self.groups):
+                    x = peg[:, gr.idx]                                                                # (n, B, m)
+                    blk += torch.einsum("nbk,nbl->bkl", x, x)                                          # (M.2)
+            blocks = [b / n for b in blocks]
+        return {f"blocks{k}": b for k, b in enumerate(blocks)}
+
+    def accumulate(self, new: dict[str, Tensor], ema_decay: float) -> None:
+        if self.mode == "woodbury":
+            old = [(a, g, w * ema_decay) for a, g, w in self.history if w * ema_decay > 0]
+            hist = old + [(new["a"], new["g"], 1.0 - ema_decay if old else 1.0)]
+            self.history = hist[-self.config["miniblock_window"]:]
+            return
+        fresh = [new[f"blocks{k}"] for k in range(len(self.groups))]
+        self.blocks = fresh if self.blocks is None else [self.ema(o, b, ema_decay) for o, b in zip(self.blocks, fresh)]
+
+    def _stacked(self) -> tuple[Tensor, Tensor]:
+        """``(Abar_hat (R, D), g_hat (R, d_out))`` of the kept batches with their (renormalized) EMA weights."""
+        total = sum(w for _, _, w in self.history)
+        a = torch.cat([a * math.sqrt(w / total) for a, _, w in self.history])
+        return a, torch.cat([g for _, g, _ in self.history])
+
+    def refresh(self, damping: float) -> None:
+        relative = self.config["miniblock_damping"] == "relative"
+        if self.mode == "woodbury":
+            if not self.history:
+                return
+            if damping <= 0:
+                raise ValueError(f"layer {self.name!r}: miniblock_mode='woodbury' needs damping > 0 (eq. M.9 divides "
+                                 "by it); raise `damping` or use miniblock_mode='direct'")
+            a, g = self._stacked()
+            gt = g.T                                                                      # (d_out, R)
+            lam = _block_damping(gt.square() @ a.square().sum(1) / a.shape[1], damping, relative)
+            core = gt.unsqueeze(2) * (a @ a.T) * gt.unsqueeze(1)                          # Z_i Z_i^T
+            core.diagonal(dim1=-2, dim2=-1).add_(lam.unsqueeze(1))
+            self.wood = {"a": a, "g": g, "lam": lam,
+                         "core": _factor(core, f"{self.name} (woodbury cores)", self.events)}
+            return
+        if self.blocks is None:
+            return
+        factors = []
+        for blk in self.blocks:
+            lam = _block_damping(blk.diagonal(dim1=-2, dim2=-1).mean(1), damping, relative)
+            factors.append(_factor(add_diagonal(blk, lam.unsqueeze(1)), self.name, self.events))
+        self.factors = factors
+
+    # -- products ------------------------------------------------------------------------------------------
+    def _apply(self, mats: list[Tensor], v: Tensor, op=lambda m, x: torch.bmm(m, x.unsqueeze(-1)).squeeze(-1)
+               ) -> Tensor:
+        flat, out = v.reshape(-1), torch.empty(v.numel(), dtype=v.dtype, device=v.device)
+        for gr, m in zip(self.groups, mats):
+            out[gr.idx] = op(m, flat[gr.idx])
+        return out.reshape(v.shape)
+
+    def solve(self, mat: Tensor) -> Tensor:
+        """``(F + lambda)^-1 V`` block by block (eq. M.7); Woodbury (eq. M.9) in woodbury mode."""
+        if not self.ready:
+            raise RuntimeError(f"layer {self.name!r}: no mini-block factors yet (gather statistics, then refresh)")
+        if self.mode != "woodbury":
+            return self._apply(self.factors, mat, _solve)
+        w = self.wood
+        u = (mat @ w["a"].T) * w["g"].T                                                  # Z_i v_i
+        x = _solve(w["core"], u)
+        return (mat - (x * w["g"].T) @ w["a"]) / w["lam"].unsqueeze(1)
+
+    def mv(self, mat: Tensor) -> Tensor:
+        """Undamped ``F V`` with the block-diagonal mini-block Fisher."""
+        self._require_stats()
+        if self.mode != "woodbury":
+            return self._apply(self.blocks, mat)
+        a, g = self._stacked()
+        return ((mat @ a.T) * g.T * g.T) @ a
+
+    def _require_stats(self) -> None:
+        if self.blocks is None and not self.history:
+            raise RuntimeError(f"layer {self.name!r} has no mini-block statistics yet: run a forward/backward first")
+
+    def dense(self) -> Tensor:
+        self._require_stats()
+        blocks = self.blocks
+        if self.mode == "woodbury":
+            a, g = self._stacked()
+            blocks = [_row_stats(a, g, self.groups[0].cols)]
+        size = self.shape[0] * self.shape[1]
+        out = torch.zeros(size, size, dtype=self.dtype, device=self.device)
+        for gr, blk in zip(self.groups, blocks):
+            out[gr.idx.unsqueeze(2), gr.idx.unsqueeze(1)] = blk
+        return self._param_dense(out)
+
+    def memory_bytes(self) -> int:
+        """Bytes held by this layer's curvature state (statistics, Cholesky factors, Woodbury factors)."""
+        tensors = list(self.blocks or []) + list(self.factors or []) + list((self.wood or {}).values())
+        tensors += [t for a, g, _ in self.history for t in (a, g)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"mode": self.mode, "chunk": self.chunk, "blocks": self.blocks, "factors": self.factors,
+                "history": list(self.history), "wood": None if self.wood is None else dict(self.wood)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["mode"] is not None:
+            self._set_mode(state["mode"], state["chunk"])
+        self.blocks, self.factors = state["blocks"], state["factors"]
+        self.history, self.wood = list(state["history"]), state["wood"]
+
+
+@register_estimator("miniblock")
+class MiniBlock(Estimator):
+    """MBF: block-diagonal empirical Fisher of many small mini-blocks per layer (Bahamou et al., AISTATS 2023)."""
+
+    options = {
+        "fisher": Option("empirical", one_of(*FISHER_TYPES),
+                         "MBF is defined on the empirical Fisher (real labels); default 'empirical' here"),
+        "miniblock_size": Option(None, _size, "Linear rows: None = one block per output neuron [W[i,:], b_i] "
+                                              "(eq. M.4); int m = chunks of <= m inputs (1 = diagonal); 'layer'"),
+        "miniblock_conv": Option("kernel", one_of("kernel", "channel", "layer"),
+                                 "Conv2d: one block per (out, in) kernel slice (eq. M.2) | per output channel | "
+                                 "one per layer"),
+        "miniblock_mode": Option("auto", one_of("auto", "direct", "woodbury", "chunked"),
+                                 "storage/solve: by memory budget | stored blocks | Woodbury (eq. M.9) | chunked"),
+        "miniblock_chunk": Option(128, positive_int, "largest block size of the chunked mode (m_max)"),
+        "miniblock_memory_mb": Option(512.0, positive, "per-layer memory budget of miniblock_mode='auto' (MiB)"),
+        "miniblock_window": Option(1, positive_int, "woodbury mode: statistics batches kept (truncated EMA)"),
+        "miniblock_damping": Option("absolute", one_of("absolute", "relative"),
+                                    "per block F_b + lambda I | F_b + lambda mean(diag F_b) I"),
+    }
+    suggested = {"lr": 0.01, "damping": 0.05, "momentum": 0.9, "ema_decay": 0.95, "inv_interval": 5}
+    fisher_types = ("empirical",)
+    curvature_class = MiniBlockCurvature
+
+    def captures(self) -> set[str]:
+        return {"inputs", "real_grads"}
