@@ -91,11 +91,11 @@ def test_init_std_per_role_and_zero_biases():
         assert torch.count_nonzero(model[idx].bias) == 0
 
 
-def test_mup_init_false_leaves_the_weights_untouched():
+def test_init_false_leaves_the_weights_untouched():
     torch.manual_seed(0)
     model = mlp(64)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    curvlab.optimizer(model, "kfac", scaling="mup", mup_init=False)
+    curvlab.optimizer(model, "kfac", scaling="mup", init=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     curvlab.optimizer(model, "kfac", scaling="mup")
     assert not torch.equal(before["0.weight"], model[0].weight)
@@ -132,12 +132,12 @@ def test_multipliers_follow_the_table(estimator, options, lr, damping):
 
 def test_kfac_damping_sides_per_mup_damping():
     model = mlp(256, d_in=32, d_out=4)
-    units = by_name(curvlab.optimizer(model, "kfac", scaling="mup", mup_init=False))
+    units = by_name(curvlab.optimizer(model, "kfac", scaling="mup", init=False))
     assert [units[n].damping_sides for n in "024"] == [(1.0, 0.25), (4.0, 0.25), (4.0, 1.0)]
     assert all(units[n].curvature.damping_sides == units[n].damping_sides for n in "024")
     assert {units[n].curvature.damping_style for n in "024"} == {"explicit"}
     for style in ("pi", "trace"):
-        units = by_name(curvlab.optimizer(model, "kfac", scaling="mup", mup_init=False, mup_damping=style))
+        units = by_name(curvlab.optimizer(model, "kfac", scaling="mup", init=False, mup_damping=style))
         assert {(units[n].curvature.damping_style, units[n].damping_sides) for n in "024"} == {(style, (1.0, 1.0))}
 
 

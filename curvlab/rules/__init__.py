@@ -33,6 +33,8 @@ class UpdateRule:
 
     options: dict[str, Option] = {}
     requires: frozenset[str] = frozenset({"solve"})
+    #: Overrides of the estimator's ``suggested`` hyper-parameters this rule needs (e.g. SNGM's lr is a distance).
+    suggested: dict[str, Any] = {}
     #: Captures the rule needs on EVERY step (not only statistics steps), e.g. FOP's {"inputs", "real_grads"}.
     every_step: frozenset[str] = frozenset()
 

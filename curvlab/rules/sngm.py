@@ -40,6 +40,8 @@ class SNGM(NaturalGradient):
     #: The global norm weights each unit by ``Unit.norm_weight`` (1 = Euclidean; a parameterization such as
     #: ``mup`` sets it so the norm of a width-consistent update does not grow with width).
     norm_weights = True
+    #: lr is the length of a step (||u|| <= 1/(1-beta)), not a gradient multiplier
+    suggested = {"lr": 0.03, "momentum": 0.9}
     options = {
         "sngm_weight_decay": Option("coupled", one_of("coupled", "decoupled"),
                                     "'coupled': wd*theta enters d before normalization; 'decoupled': after"),

@@ -11,9 +11,9 @@ data dimension) and ``r_out = width_out / M0`` (1 for the output layer). For a h
 are ``r = M / M0``; distinct ratios cover layers whose widths differ (CNN stages; per-layer fan-in/fan-out
 ratios of the reference code, 5.6). Conv layers: width = channels, fan-in = ``c_in k^2 / groups``.
 
-* Init (eq. P.1, ``mup_init=True``): ``W ~ N(0, (mup_sigma * fan_in^-b)^2)``, ``b = 1/2`` (input, hidden),
+* Init (eq. P.1, ``init=True``): ``W ~ N(0, (mup_sigma * fan_in^-b)^2)``, ``b = 1/2`` (input, hidden),
   ``b = 1`` (output: nonzero ``sigma / M``; a zero head under K-FAC locks in an NNGP-like solution, 5.6);
-  biases zero. ``mup_init=False`` leaves the weights as they are (resuming, or a custom init).
+  biases zero. ``init=False`` leaves the weights as they are (resuming, or a custom init).
 * LR (eq. P.2) ``lr_l = lr * lr_mult`` with, for a one-step update that moves every layer's output
   coordinates by O(1) (5.1 "Why"): SGD / ``identity``: ``r_out / r_in`` (table 5.1: ``c = (-1, 0, 1)``);
   K-FAC: 1 (``c = 0``); Shampoo with exponent ``e`` (``L^-e G R^-e``): ``(r_out / r_in)^(1 - 2e)``
@@ -266,7 +266,7 @@ class MuP(Parameterization):
     options = {
         "base_width": Option(64, positive, "M0: the width at which hyper-parameters are tuned (ratios r = M / M0)"),
         "mup_roles": Option(None, _roles_option, "{module name: 'input'|'hidden'|'output'} overriding inference"),
-        "mup_init": Option(True, boolean,
+        "init": Option(True, boolean,
                            "re-initialize weights (std sigma fan_in^-b, biases 0) at optimizer creation"),
         "mup_sigma": Option(1.0, positive, "sigma of the init std sigma * fan_in^-b (eq. P.1)"),
         "mup_damping": Option("explicit", one_of("explicit", "pi", "trace"),
@@ -296,7 +296,7 @@ class MuP(Parameterization):
             else:
                 scale, layer = Scale(), None                      # biases of fallback layers, norm gains: 5.2
             plan.append((unit, scale, layer))
-        if cfg["mup_init"]:
+        if cfg["init"]:
             self.initialize(layers.values(), cfg["mup_sigma"])
         for unit, scale, layer in plan:
             unit.lr_mult, unit.damping_mult = scale.lr_mult, scale.damping_mult
