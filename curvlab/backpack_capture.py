@@ -68,95 +68,23 @@ import copy
 import math
 import re
 import warnings
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.loss import _Loss
 
-try:
-    from backpack import backpack as _backpack_ctx
-    from backpack import extend
-    from backpack.core.derivatives.adaptive_avg_pool_nd import AdaptiveAvgPool2dDerivatives
-    from backpack.core.derivatives.elu import ELUDerivatives
-    from backpack.core.derivatives.leakyrelu import LeakyReLUDerivatives
-    from backpack.core.derivatives.logsigmoid import LogSigmoidDerivatives
-    from backpack.core.derivatives.selu import SELUDerivatives
-    from backpack.extensions import KFAC, KFLR, BatchGrad
-    from backpack.extensions.module_extension import ModuleExtension
-    from backpack.extensions.secondorder.hbp.conv2d import HBPConv2d
-    from backpack.extensions.secondorder.hbp.hbpbase import HBPBaseModule
-    from backpack.extensions.secondorder.hbp.linear import HBPLinear
-except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError("capture='backpack' needs the package backpack-for-pytorch (pip install --no-deps "
-                      "backpack-for-pytorch einops unfoldNd), or use capture='hooks'") from exc
-
+from .backpack_extensions import (HBP_MODULES, KFAC, KFLR, BatchGrad, Conv2dFactors as _Conv2dFactors,
+                                  HBPBaseModule, LinearFactors as _LinearFactors,
+                                  StoredGradientLoss as _StoredGradientLoss,
+                                  StoredGradientSqrt as _StoredGradientSqrt, _backpack_ctx, _EXTRA_HBP, extend)
 from .adapters import UnsupportedLayer
 from .capture import is_paused
 from .losses import check_output
 from .stats import LayerStats
 
-#: Modules BackPACK's K-FAC extensions (KFAC/KFLR, v1.7) back-propagate through, plus the elementwise
-#: activations and the adaptive average pooling this backend registers from BackPACK's own derivatives.
-_EXTRA_HBP: dict[type[nn.Module], Callable[[], Any]] = {
-    nn.AdaptiveAvgPool2d: AdaptiveAvgPool2dDerivatives, nn.ELU: ELUDerivatives,
-    nn.LeakyReLU: LeakyReLUDerivatives, nn.SELU: SELUDerivatives, nn.LogSigmoid: LogSigmoidDerivatives,
-}
-HBP_MODULES: tuple[type[nn.Module], ...] = (
-    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
-    nn.MaxPool2d, nn.AvgPool2d, nn.ZeroPad2d, nn.Dropout, nn.Flatten, nn.ReLU, nn.Sigmoid, nn.Tanh,
-    nn.Identity, *_EXTRA_HBP,
-)
 _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
                "_backward_hooks", "_backward_pre_hooks")
 _SAVEFIELDS = ("kflr", "kfac", "grad_batch")
-
-
-# -- BackPACK module extensions -------------------------------------------------------------------------
-class _Stashing:
-    """Keeps each layer's back-propagated square root ``S``; skips BackPACK's bias factors (curvlab folds the
-    bias into the homogeneous ``A``)."""
-
-    def __init__(self, stash: dict[int, Tensor]) -> None:
-        super().__init__()
-        self._stash = stash
-
-    def bias(self, ext, module, g_inp, g_out, backproped):
-        self._stash[id(module)] = backproped
-
-
-class _LinearFactors(_Stashing, HBPLinear):
-    """BackPACK's Linear factors ``[G, A]``, unchanged."""
-
-    def weight(self, ext, module, g_inp, g_out, backproped):
-        self._stash[id(module)] = backproped
-        return super().weight(ext, module, g_inp, g_out, backproped)
-
-
-class _Conv2dFactors(_Stashing, HBPConv2d):
-    """Conv2d factors ``[T Gamma, A]`` with KFC's ``T Gamma = sum_{m,n,t} S_t S_t^T`` (eq. C.4) in place of
-    BackPACK's bias GGN ``sum_{m,n} (sum_t S_t)(sum_t S_t)^T``; ``A`` is BackPACK's."""
-
-    def weight(self, ext, module, g_inp, g_out, backproped):
-        self._maybe_raise_groups_not_implemented_error(ext, module)
-        self._stash[id(module)] = backproped
-        sqrt = backproped.flatten(start_dim=3)                                  # (M, N, C_out, T)
-        return [torch.einsum("mnct,mndt->cd", sqrt, sqrt)] + self._factors_from_input(ext, module)
-
-
-class _StoredGradientLoss(_Loss):
-    """Surrogate loss ``<f, w>``: its gradient with respect to the model output ``f`` is ``w = dL/df``."""
-
-    def forward(self, out: Tensor, w: Tensor) -> Tensor:
-        return (out * w).sum()
-
-
-class _StoredGradientSqrt(ModuleExtension):
-    """Square root of the empirical Fisher's output factor: ``sqrt(N) dL/df_n = (1/sqrt(N)) grad l_n``."""
-
-    def backpropagate(self, ext, module, g_inp, g_out, backproped):
-        w = module.input1
-        return (w * math.sqrt(w.shape[0])).unsqueeze(0)
 
 
 # -- records and the statistics view ----------------------------------------------------------------------
