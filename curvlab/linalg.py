@@ -9,6 +9,7 @@ Every inversion goes through the same ladder, and what fired is reported, never 
 5. if the result is still not finite: :class:`FactorizationError` naming the layer.
 
 Steps 2-4 are recorded as :class:`NumericsEvent` (logged as a warning and kept by the optimizer).
+:func:`batched_cholesky` applies the same ladder to a batch of small blocks (only the failing ones are retried).
 """
 from __future__ import annotations
 
@@ -110,3 +111,55 @@ def psd_eigh(m: torch.Tensor, layer: str, events: list[NumericsEvent] | None = N
         if events is not None:
             events.append(ev)
     return evals.clamp_min(0.0), evecs
+
+
+def batched_cholesky(m: torch.Tensor, layer: str, events: list[NumericsEvent] | None = None,
+                     jitter: float = 1e-10) -> torch.Tensor:
+    """Lower factors ``L`` with ``L L^T = m_b`` for the SPD blocks ``m`` ``(B, k, k)``, by one batched Cholesky.
+
+    Blocks that fail go through the ladder of :func:`curvlab.linalg.spd_inverse` (float64; jitter
+    ``jitter * mean diag * 10^j``, the mean over all blocks as the layer's scale; eigendecomposition with
+    eigenvalues clamped at ``jitter * mean diag``, refactored as ``L = R^T`` from ``QR(diag(sqrt e) Q^T)``),
+    reported as one :class:`NumericsEvent`."""
+    chol, info = torch.linalg.cholesky_ex(m)            # reads the lower triangle only: no symmetrization needed
+    bad = (info != 0) | ~torch.isfinite(chol.diagonal(dim1=-2, dim2=-1)).all(1)   # NaN/Inf reach the diagonal
+    if not bool(bad.any()):
+        return chol
+    which = bad.nonzero().squeeze(1)
+    sub = symmetrize(m[which].double())
+    if not bool(torch.isfinite(sub).all()):
+        raise FactorizationError(f"layer {layer!r}: mini-blocks to invert contain NaN/Inf")
+    scale = max(float(m.diagonal(dim1=-2, dim2=-1).double().abs().mean()), 1e-30)
+    out = torch.empty_like(sub)
+    todo = torch.ones(len(which), dtype=torch.bool, device=m.device)
+    counts = []
+    for j in range(-1, 5):
+        if not bool(todo.any()):
+            break
+        fac, info = torch.linalg.cholesky_ex(add_diagonal(sub[todo], 0.0 if j < 0 else jitter * scale * 10.0 ** j))
+        ok = info == 0
+        pos = todo.nonzero().squeeze(1)[ok]
+        out[pos], todo[pos] = fac[ok], False
+        counts.append(len(pos))
+    if bool(todo.any()):
+        evals, evecs = torch.linalg.eigh(sub[todo])
+        root = evals.clamp_min(jitter * scale).sqrt().unsqueeze(-1) * evecs.transpose(-1, -2)
+        r = torch.linalg.qr(root).R
+        out[todo] = (r * torch.where(r.diagonal(dim1=-2, dim2=-1) < 0, -1.0, 1.0).unsqueeze(-1)).transpose(-1, -2)
+    if not bool(torch.isfinite(out).all()):
+        raise FactorizationError(f"layer {layer!r}: could not factorize {len(which)} mini-blocks (Cholesky, float64, "
+                                 "jitter and eigendecomposition all failed); increase `damping`")
+    chol[which] = out.to(chol.dtype)
+    ev = NumericsEvent(layer, f"{len(which)}/{m.shape[0]} mini-blocks of size {m.shape[-1]} failed Cholesky in "
+                              f"{m.dtype}: {counts[0]} succeeded in float64, {sum(counts[1:])} with jitter, "
+                              f"{int(todo.sum())} by eigendecomposition (eigenvalues clamped)")
+    log.warning("curvlab numerics: %s", ev)
+    if events is not None:
+        events.append(ev)
+    return chol
+
+
+def chol_solve(chol: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """``(L L^T)^-1 x`` for every block: ``chol`` ``(B, k, k)``, ``rhs`` ``(B, k)``."""
+    y = torch.linalg.solve_triangular(chol, rhs.unsqueeze(-1), upper=False)
+    return torch.linalg.solve_triangular(chol.transpose(-1, -2), y, upper=True).squeeze(-1)

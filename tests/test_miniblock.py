@@ -11,7 +11,7 @@ from torch import nn
 
 import curvlab
 from curvlab import exact
-from curvlab.estimators.miniblock import batched_cholesky, chol_solve
+from curvlab.linalg import batched_cholesky, chol_solve
 from curvlab.linalg import FactorizationError
 from helpers import assert_close
 

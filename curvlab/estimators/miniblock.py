@@ -21,7 +21,7 @@ Tikhonov damping (eq. M.6) is added per block at ``refresh`` only: ``miniblock_d
 (default: ``F_b + lambda I``, the pinned meaning of ``damping``) or ``"relative"`` (``F_b + lambda
 mean(diag F_b) I``, suggested by 3.5/3.8 [U]). Blocks of one size are inverted by one batched Cholesky
 call; failing blocks go through the ladder of :mod:`curvlab.linalg` (float64, jitter, clamped eigh),
-reported as :class:`~curvlab.linalg.NumericsEvent`.
+reported as :class:`~curvlab.linalg.NumericsEvent` (:func:`curvlab.linalg.batched_cholesky`).
 
 Storage modes (``miniblock_mode``, per layer; 3.2 (a)-(c)):
 
@@ -45,7 +45,7 @@ from torch import Tensor
 
 from ..curvature import Curvature, Estimator
 from ..hyper import FISHER_TYPES, HyperParameterError, Option, one_of, positive, positive_int
-from ..linalg import FactorizationError, NumericsEvent, add_diagonal, symmetrize
+from ..linalg import NumericsEvent, add_diagonal, batched_cholesky, chol_solve
 from ..registry import register_estimator
 from ..stats import LayerStats
 
@@ -112,58 +112,6 @@ def build_layout(weight_shape: torch.Size, shape: tuple[int, int], size: int | s
 
 
 # -- batched numerics ladder -----------------------------------------------------------------------------
-def batched_cholesky(m: Tensor, layer: str, events: list[NumericsEvent] | None = None,
-                     jitter: float = 1e-10) -> Tensor:
-    """Lower factors ``L`` with ``L L^T = m_b`` for the SPD blocks ``m`` ``(B, k, k)``, by one batched Cholesky.
-
-    Blocks that fail go through the ladder of :func:`curvlab.linalg.spd_inverse` (float64; jitter
-    ``jitter * mean diag * 10^j``, the mean over all blocks as the layer's scale; eigendecomposition with
-    eigenvalues clamped at ``jitter * mean diag``, refactored as ``L = R^T`` from ``QR(diag(sqrt e) Q^T)``),
-    reported as one :class:`NumericsEvent`."""
-    chol, info = torch.linalg.cholesky_ex(m)            # reads the lower triangle only: no symmetrization needed
-    bad = (info != 0) | ~torch.isfinite(chol.diagonal(dim1=-2, dim2=-1)).all(1)   # NaN/Inf reach the diagonal
-    if not bool(bad.any()):
-        return chol
-    which = bad.nonzero().squeeze(1)
-    sub = symmetrize(m[which].double())
-    if not bool(torch.isfinite(sub).all()):
-        raise FactorizationError(f"layer {layer!r}: mini-blocks to invert contain NaN/Inf")
-    scale = max(float(m.diagonal(dim1=-2, dim2=-1).double().abs().mean()), 1e-30)
-    out = torch.empty_like(sub)
-    todo = torch.ones(len(which), dtype=torch.bool, device=m.device)
-    counts = []
-    for j in range(-1, 5):
-        if not bool(todo.any()):
-            break
-        fac, info = torch.linalg.cholesky_ex(add_diagonal(sub[todo], 0.0 if j < 0 else jitter * scale * 10.0 ** j))
-        ok = info == 0
-        pos = todo.nonzero().squeeze(1)[ok]
-        out[pos], todo[pos] = fac[ok], False
-        counts.append(len(pos))
-    if bool(todo.any()):
-        evals, evecs = torch.linalg.eigh(sub[todo])
-        root = evals.clamp_min(jitter * scale).sqrt().unsqueeze(-1) * evecs.transpose(-1, -2)
-        r = torch.linalg.qr(root).R
-        out[todo] = (r * torch.where(r.diagonal(dim1=-2, dim2=-1) < 0, -1.0, 1.0).unsqueeze(-1)).transpose(-1, -2)
-    if not bool(torch.isfinite(out).all()):
-        raise FactorizationError(f"layer {layer!r}: could not factorize {len(which)} mini-blocks (Cholesky, float64, "
-                                 "jitter and eigendecomposition all failed); increase `damping`")
-    chol[which] = out.to(chol.dtype)
-    ev = NumericsEvent(layer, f"{len(which)}/{m.shape[0]} mini-blocks of size {m.shape[-1]} failed Cholesky in "
-                              f"{m.dtype}: {counts[0]} succeeded in float64, {sum(counts[1:])} with jitter, "
-                              f"{int(todo.sum())} by eigendecomposition (eigenvalues clamped)")
-    log.warning("curvlab numerics: %s", ev)
-    if events is not None:
-        events.append(ev)
-    return chol
-
-
-def chol_solve(chol: Tensor, rhs: Tensor) -> Tensor:
-    """``(L L^T)^-1 x`` for every block: ``chol`` ``(B, k, k)``, ``rhs`` ``(B, k)``."""
-    y = torch.linalg.solve_triangular(chol, rhs.unsqueeze(-1), upper=False)
-    return torch.linalg.solve_triangular(chol.transpose(-1, -2), y, upper=True).squeeze(-1)
-
-
 def _factor(damped: Tensor, layer: str, events: list[NumericsEvent]) -> Tensor:
     """What ``solve`` keeps of the damped blocks: the inverse for blocks up to ``_INV_MAX`` (on CPU, triangular
     solves on many tiny blocks cost 4-8x a ``bmm``), the Cholesky factor above (where ``cholesky_inverse`` costs
