@@ -13,7 +13,7 @@ setup: $(STAMP)
 # torch 2.13.0 first (a local CPU build); every later pip call is constrained so torch is never replaced.
 # backpack-for-pytorch declares torchvision, which has no working CPU build here: install it --no-deps
 # after its real dependencies (einops, unfoldNd). See ../shared/SETUP.md.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml plugins/curvlab-ekfac/pyproject.toml plugins/curvlab-lars/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
@@ -21,6 +21,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -c $(CONSTRAINTS) numpy scipy matplotlib tqdm pytest scikit-learn einops unfoldNd mnist1d requests
 	$(BIN)/pip install -q --no-deps backpack-for-pytorch
 	$(BIN)/pip install -q -c $(CONSTRAINTS) --no-deps --no-build-isolation -e .
+	$(BIN)/pip install -q -c $(CONSTRAINTS) --no-deps --no-build-isolation -e plugins/curvlab-ekfac
+	$(BIN)/pip install -q -c $(CONSTRAINTS) --no-deps --no-build-isolation -e plugins/curvlab-lars
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -93,6 +93,9 @@ class HookCapture:
         def hook(module, inputs, output):
             if not self._needs_now() or not isinstance(output, torch.Tensor) or not output.requires_grad:
                 return None
+            if inputs[0].shape[0] == 0:
+                raise ValueError(f"layer {name!r} got an empty batch (0 examples): curvature statistics need at "
+                                 "least one example; skip empty batches in your data loader")
             needs = self._needs_now()
             self._pending[name] = LayerRecord(inputs[0].detach(), output, output._version)
             if not needs & {"real_grads", "fisher_grads"}:

@@ -66,6 +66,7 @@ class CurvlabOptimizer(torch.optim.Optimizer):
         self.units = self._build_units(model, strict)
         if not self.units:
             raise ValueError("the model has no trainable parameters (requires_grad=True)")
+        self._layout = self._param_layout()
         defaults = {k: self.config[k] for k, opt in options.items() if opt.per_group}
         super().__init__([p for u in self.units for p in u.params], defaults)
         self._bind_groups()
@@ -120,6 +121,23 @@ class CurvlabOptimizer(torch.optim.Optimizer):
             for pn, p in own:
                 units.append(Unit(f"{mname}.{pn}" if mname else pn, [p], f"first-order fallback ({reason})"))
         return units
+
+    def _param_layout(self) -> dict[str, int]:
+        """``{qualified name: id(parameter)}`` of the model's parameters (to detect a model changed later)."""
+        return {n: id(p) for n, p in self.model.named_parameters()}
+
+    def _check_model_unchanged(self) -> None:
+        """Raise if a parameter was replaced, added or removed since construction (layer swapped, re-created)."""
+        now = self._param_layout()
+        if now == self._layout:
+            return
+        changed = sorted(n for n in set(now) | set(self._layout) if now.get(n) != self._layout.get(n))
+        raise RuntimeError(
+            f"the model's parameters changed after the optimizer was built: {changed[:8]}"
+            f"{' ...' if len(changed) > 8 else ''} (a layer replaced, or a parameter re-created or added). "
+            "The optimizer still holds the old tensors and would not train the new ones: build a new optimizer "
+            "with curvlab.optimizer(model, ...) after changing the model"
+        )
 
     def _bind_groups(self) -> None:
         by_param = {id(p): g for g in self.param_groups for p in g["params"]}
@@ -189,6 +207,7 @@ class CurvlabOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_model_unchanged()
         bad = [u.name for u in self.units if (g := u.grads()) is not None and not _finite(g)]
         if bad:
             self._skip(f"non-finite gradients in {bad}")
@@ -253,6 +272,7 @@ class CurvlabOptimizer(torch.optim.Optimizer):
         sd["curvlab"] = {
             "names": dict(self.names),
             "step": self._t,
+            "shapes": {u.name: [tuple(p.shape) for p in u.params] for u in self.units},
             "skipped_steps": self.skipped_steps,
             "curvature": {u.name: u.curvature.state_dict() for u in self.units if u.preconditioned},
             "capture": self.capture.state_dict() if self.capture else {},
@@ -269,6 +289,13 @@ class CurvlabOptimizer(torch.optim.Optimizer):
         mine = {u.name for u in self.units if u.preconditioned}
         if set(extra["curvature"]) != mine:
             raise ValueError(f"checkpoint layers {sorted(extra['curvature'])} do not match the model's {sorted(mine)}")
+        mine_shapes = {u.name: [tuple(p.shape) for p in u.params] for u in self.units}
+        theirs = {k: [tuple(s) for s in v] for k, v in extra.get("shapes", mine_shapes).items()}
+        wrong = sorted(k for k in set(theirs) | set(mine_shapes) if theirs.get(k) != mine_shapes.get(k))
+        if wrong:
+            raise ValueError(f"checkpoint parameter shapes do not match the model in {wrong[:4]}: checkpoint "
+                             f"{[theirs.get(k) for k in wrong[:4]]}, model {[mine_shapes.get(k) for k in wrong[:4]]}; "
+                             "load it into the model it was saved from")
         super().load_state_dict(state_dict)
         self._bind_groups()
         self._t, self.skipped_steps = extra["step"], extra["skipped_steps"]

@@ -209,3 +209,4 @@ def test_layers_option_restricts_preconditioning():
         curvlab.optimizer(mlp(), "kfac", "natural", layers=["3"])
     with pytest.raises(ValueError, match="list of module names"):
         curvlab.optimizer(mlp(), "kfac", "natural", layers="2")
+

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 __all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "write_jsonl", "read_jsonl",
-           "read_json", "finite_or_none", "atomic_torch_save"]
+           "read_json", "finite_or_none", "atomic_torch_save", "load_torch", "CorruptCheckpoint"]
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -78,3 +78,25 @@ def atomic_torch_save(path: str | Path, obj: Any) -> None:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+class CorruptCheckpoint(ValueError):
+    """A checkpoint file that cannot be read (truncated, corrupt, not a torch file); the message names it."""
+
+
+def load_torch(path: str | Path, weights_only: bool = False) -> Any:
+    """``torch.load`` that refuses an unreadable file with a message naming it and the remedy.
+
+    :func:`atomic_torch_save` never leaves a half-written file, but a file can still be damaged outside curvlab
+    (disk full on another writer, a copy cut short)."""
+    import torch
+
+    try:
+        return torch.load(path, weights_only=weights_only)
+    except FileNotFoundError:
+        raise
+    except Exception as err:
+        raise CorruptCheckpoint(
+            f"checkpoint {str(path)!r} cannot be read ({type(err).__name__}: {err}): it is truncated or corrupt; "
+            "delete it to start again from scratch"
+        ) from err

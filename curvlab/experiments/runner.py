@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ConfigError, canonical_json, resolve_config, run_id
-from .io import atomic_torch_save, atomic_write_json, read_json, read_jsonl, write_jsonl
+from .io import atomic_torch_save, atomic_write_json, load_torch, read_json, read_jsonl, write_jsonl
 
 __all__ = ["RunResult", "run", "load_run", "is_finished", "load_split", "evaluate", "lr_factor", "TIMING_KEYS",
            "CONFIG", "METRICS", "SUMMARY", "DONE", "CHECKPOINT"]
@@ -241,7 +241,7 @@ def _train(cfg: dict[str, Any], rid: str, rdir: Path | None, quiet: bool,
     step, elapsed, first = 0, 0.0, 1
     ckpt = rdir / CHECKPOINT if rdir is not None else None
     if ckpt is not None and ckpt.is_file():
-        state = torch.load(ckpt, weights_only=False)  # our own file, written by this function
+        state = load_torch(ckpt)  # our own file, written by this function; a damaged one is refused
         if state.get("run_id") == rid:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
