@@ -67,6 +67,7 @@ class CurvlabOptimizer(torch.optim.Optimizer):
         if not self.units:
             raise ValueError("the model has no trainable parameters (requires_grad=True)")
         self._layout = self._param_layout()
+        self._param_ids = tuple(id(p) for p in model.parameters())
         defaults = {k: self.config[k] for k, opt in options.items() if opt.per_group}
         super().__init__([p for u in self.units for p in u.params], defaults)
         self._bind_groups()
@@ -128,6 +129,8 @@ class CurvlabOptimizer(torch.optim.Optimizer):
 
     def _check_model_unchanged(self) -> None:
         """Raise if a parameter was replaced, added or removed since construction (layer swapped, re-created)."""
+        if tuple(id(p) for p in self.model.parameters()) == self._param_ids:   # the cheap per-step test
+            return
         now = self._param_layout()
         if now == self._layout:
             return
