@@ -211,8 +211,9 @@ class CurvlabOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_model_unchanged()
-        bad = [u.name for u in self.units if (g := u.grads()) is not None and not _finite(g)]
-        if bad:
+        grads = {u.name: g for u in self.units if (g := u.grads()) is not None}
+        if not _finite([t for g in grads.values() for t in g]):          # one host sync for all gradients
+            bad = [name for name, g in grads.items() if not _finite(g)]
             self._skip(f"non-finite gradients in {bad}")
             return loss
         stat_step = self._is_stat_step()

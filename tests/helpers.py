@@ -43,3 +43,32 @@ def one_step_blocks(model, x, y, loss="cross_entropy", fisher="type2", estimator
     opt.capture.remove()
     model.zero_grad()
     return blocks, opt
+
+
+DIGITS_MODELS = {   # name -> (builder arguments, input reshape)
+    "mlp": (("mlp", (64, 64, 2, 10), {"activation": "tanh"}), lambda x: x),
+    "cnn": (("small_cnn", (1, 8, 10), {"image_size": 8}), lambda x: x.reshape(-1, 1, 8, 8)),
+}
+
+
+def train_digits(estimator, epochs, model="mlp", seed=0, rule="natural", batch_size=64, **hyper):
+    """Train a digits model with the plain loop; returns (test accuracy, optimizer). Parameters must stay finite."""
+    import curvlab
+    from curvlab import models
+    from curvlab.data import batches, load_digits
+
+    split = load_digits(seed=0)
+    (builder, args, kwargs), shape = DIGITS_MODELS[model]
+    torch.manual_seed(seed)
+    net = getattr(models, builder)(*args, **kwargs)
+    opt = curvlab.optimizer(net, estimator, rule, **hyper)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        for xb, yb in batches(split.x_train, split.y_train, batch_size, generator=gen):
+            opt.zero_grad()
+            F.cross_entropy(net(shape(xb)), yb).backward()
+            opt.step()
+    with torch.no_grad():
+        acc = (net(shape(split.x_test)).argmax(1) == split.y_test).float().mean().item()
+    assert all(bool(torch.isfinite(p).all()) for p in net.parameters())
+    return acc, opt
