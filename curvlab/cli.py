@@ -1,5 +1,5 @@
 """The ``curvlab`` command: ``list`` what is registered, ``check`` estimators against exact curvature,
-``demo`` the main job, ``run``/``sweep``/``report`` experiments, ``coord-check`` the muP coordinate check (per-layer update size against width)."""
+``demo`` the main job, ``run``/``sweep``/``report`` experiments, ``coord-check`` the muP coordinate check (per-layer update size against width), ``bench`` step time over SGD's."""
 from __future__ import annotations
 
 import argparse
@@ -15,6 +15,8 @@ def main(argv: list[str] | None = None) -> int:
     chk.add_argument("--estimator", default=None, help="one estimator (default: K-FAC exact cases + every estimator)")
     sub.add_parser("demo", help="the main job (see `curvlab demo --help`)", add_help=False)
     sub.add_parser("coord-check", help="muP coordinate check (see `curvlab coord-check --help`)", add_help=False)
+    sub.add_parser("bench", help="step time over momentum SGD's, table + JSON (see `curvlab bench --help`)",
+                   add_help=False)
     for name, text in (("run", "train one configuration into a run directory (see `curvlab run --help`)"),
                        ("sweep", "run a grid of configurations in parallel processes, resumable"),
                        ("report", "tables and figures from finished runs")):
@@ -25,6 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["coord-check"]:
         from .coord_check import main as coord_main
         return coord_main(argv[1:])
+    if argv[:1] == ["bench"]:
+        from .bench.cli import main as bench_main
+        bench_main(argv[1:])
+        return 0
     if argv[:1] == ["demo"]:
         from .demo import main as demo_main
         demo_main(argv[1:])

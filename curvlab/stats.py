@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .adapters import LayerAdapter
+from .kernels import gram
 
 
 class LayerStats:
@@ -65,14 +66,12 @@ class LayerStats:
         """K-FAC factors ``(A, G)`` from ``kind`` output gradients (eq. K.3; KFC eq. C.4)."""
         rows = self.input_rows()
         n, t, d_in = rows.shape
-        flat = rows.reshape(-1, d_in)
-        a = flat.T @ flat / n
+        a = gram(rows.reshape(-1, d_in), 1.0 / n)
         g = None
         for out, weight in self.output_rows(kind):
-            gr = out.reshape(-1, out.shape[-1])
-            term = gr.T @ gr
-            g = term * weight if g is None else g.add_(term, alpha=weight)
-        return a, g / (n * t)
+            term = gram(out.reshape(-1, out.shape[-1]), weight / (n * t))
+            g = term if g is None else g.add_(term)
+        return a, g
 
     def per_example_grads(self) -> torch.Tensor:
         """``(N, d_out, d_in [+1])`` gradients of each example's loss (real labels) in the matrix view."""

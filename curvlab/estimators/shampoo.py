@@ -45,6 +45,7 @@ from typing import Any
 import torch
 
 from ..curvature import Curvature, Estimator
+from ..kernels import gram
 from ..hyper import HyperParameterError, Option, one_of, positive_int
 from ..linalg import NumericsEvent, log, psd_eigh, symmetrize
 from ..registry import register_estimator
@@ -162,6 +163,11 @@ class ShampooCurvature(Curvature):
     ``roots`` the damped inverse roots computed by :meth:`refresh` (same keys); ``blocks`` the
     ``(key, row slice, column slice)`` of every weight block."""
 
+    #: data parallel (:mod:`curvlab.distributed`): statistics come from the already averaged gradient (no
+    #: reduction); refresh sets ``roots``
+    reductions = {"*": "none"}
+    refreshed = ("roots",)
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         d_out, cols = self.shape
@@ -188,8 +194,8 @@ class ShampooCurvature(Curvature):
         out: dict[str, torch.Tensor] = {}
         for key, rows, cols in self.blocks:
             gb = g[rows, cols]
-            out["L" + key] = gb @ gb.T
-            out["R" + key] = gb.T @ gb
+            out["L" + key] = gram(gb.T)
+            out["R" + key] = gram(gb)
         if self.has_bias:
             out["bias"] = g[:, -1] ** 2
         if self.grafting == "adagrad":

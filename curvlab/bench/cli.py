@@ -1,0 +1,187 @@
+"""``curvlab bench``: step time of curvlab configurations over momentum SGD's, as a table and as JSON.
+
+Examples::
+
+    curvlab bench                                    # the issue-7 target suite, MLP 784-512-512-10, CPU
+    curvlab bench --variant kfac:stat_interval=1,inv_interval=10 --batch 64,1024,8192
+    curvlab bench --suite scaling --hidden 64,512,2048    # ratios against width
+    curvlab bench --model cnn --json bench.json           # a small CNN on 1x28x28 inputs
+    curvlab bench --peers                                 # also ASDL / curvlinops / pytorch-optimizer / SINGD
+
+Inputs are random (timing does not depend on the values); the model is seeded. Every row's ``ratio`` is the
+median over interleaved rounds of the variant's step time over SGD's in the same round (see
+:mod:`curvlab.bench.harness`). The JSON (``--json``) holds the environment, the settings and every row, with
+schema ``curvlab.bench/1``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..experiments.io import atomic_write_json
+from .harness import Variant, measure
+
+SCHEMA = "curvlab.bench/1"
+
+#: the issue-7 targets: (batch sizes it applies to, variant spec, target ratio to SGD or None)
+TARGETS: list[tuple[tuple[int, ...], str, float | None]] = [
+    ((1024,), "identity/natural", None),
+    ((1024,), "kfac:fisher=empirical,stat_interval=10,inv_interval=10", 1.5),
+    ((1024,), "kfac:fisher=empirical,stat_interval=1,inv_interval=10", 2.2),
+    ((1024,), "kfac/fop:fisher=empirical,stat_interval=10,inv_interval=10", None),
+    ((1024,), "miniblock:fisher=empirical,stat_interval=10,inv_interval=10", 2.0),
+    ((1024,), "shampoo:inv_interval=100", 1.8),
+    ((1024,), "shampoo:inv_interval=10", None),
+    ((1024,), "identity/sngm", None),
+    ((64, 128), "isaac:fisher=empirical,stat_interval=1,inv_interval=1", None),
+]
+ISAAC_TARGETS = {64: 1.2, 128: 1.3}
+SCALING_SUITE = ["kfac:fisher=empirical,stat_interval=10,inv_interval=10",
+                 "kfac:fisher=empirical,stat_interval=1,inv_interval=10",
+                 "shampoo:inv_interval=100", "isaac:fisher=empirical,stat_interval=1,inv_interval=1",
+                 "miniblock:fisher=empirical,stat_interval=10,inv_interval=10"]
+
+
+def build_model(kind: str, hidden: list[int], inputs: int = 784, outputs: int = 10, width: int = 16) -> nn.Module:
+    """``mlp``: ``inputs - hidden... - outputs`` with ReLU; ``cnn``: curvlab's small CNN on 1x28x28."""
+    if kind == "mlp":
+        dims = [inputs, *hidden, outputs]
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+            layers.append(nn.Linear(a, b))
+            if i < len(dims) - 2:
+                layers.append(nn.ReLU())
+        return nn.Sequential(*layers)
+    if kind == "cnn":
+        from ..models import build_cnn
+        return build_cnn((1, 28, 28), outputs, width=width)
+    raise ValueError(f"--model must be 'mlp' or 'cnn', got {kind!r}")
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    env = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+           "processor": platform.processor(), "threads": torch.get_num_threads(), "device": str(device),
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise SystemExit(f"curvlab bench: {what} must be comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise SystemExit(f"curvlab bench: {what} must be positive integers, got {text!r}")
+    return values
+
+
+def format_rows(rows: list[dict[str, Any]]) -> str:
+    head = (f"{'configuration':<58} {'ratio':>6} {'[q25, q75]':>14} {'step ms':>8} {'fwd+bwd':>8} {'stats':>7} "
+            f"{'refresh':>8} {'precond':>8} {'state MB':>9} {'target':>7}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        b = r["breakdown_ms"]
+        target = r.get("target")
+        mark = "" if target is None else f"{target:.2f}{'' if r['ratio'] <= target else '!'}"
+        lines.append(
+            f"{r['label'][:58]:<58} {r['ratio']:>6.2f} [{r['ratio_q25']:>5.2f}, {r['ratio_q75']:>5.2f}] "
+            f"{r['step_ms']:>8.2f} {b['forward_backward']:>8.2f} {b.get('statistics', 0.0):>7.2f} "
+            f"{b.get('refresh', 0.0):>8.2f} {b.get('precondition', 0.0):>8.2f} {r['state_bytes'] / 2**20:>9.1f} "
+            f"{mark:>7}")
+    return "\n".join(lines)
+
+
+def _cases(args: argparse.Namespace) -> list[tuple[int, list[int], list[Variant], dict[str, float]]]:
+    """``(batch, hidden, variants, targets by label)`` for every case to run."""
+    batches, hidden_sizes = _ints(args.batch, "--batch") if args.batch else None, args.hidden
+    if args.variant:
+        variants = [Variant.parse(s) for s in args.variant]
+        return [(b, h, variants, {}) for b in (batches or [1024]) for h in hidden_sizes]
+    if args.suite == "targets":
+        cases: dict[int, tuple[list[Variant], dict[str, float]]] = {}
+        for sizes, spec, target in TARGETS:
+            for b in batches or sizes:
+                v = Variant.parse(spec)
+                vs, tg = cases.setdefault(b, ([], {}))
+                vs.append(v)
+                t = ISAAC_TARGETS.get(b) if v.estimator == "isaac" else target
+                if t is not None and (batches is None or b in sizes):
+                    tg[v.label] = t
+        return [(b, h, vs, tg) for b, (vs, tg) in sorted(cases.items()) for h in hidden_sizes]
+    variants = [Variant.parse(s) for s in SCALING_SUITE]
+    return [(b, h, variants, {}) for b in (batches or [64, 1024, 8192]) for h in hidden_sizes]
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(prog="curvlab bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variant", action="append", default=[],
+                   help="ESTIMATOR[/RULE[/SCALING]][:key=value,...] (repeatable); default: the --suite")
+    p.add_argument("--suite", choices=("targets", "scaling"), default="targets",
+                   help="targets: the issue-7 target set; scaling: a few variants over batch sizes / widths")
+    p.add_argument("--model", choices=("mlp", "cnn"), default="mlp")
+    p.add_argument("--hidden", default="512,512",
+                   help="MLP hidden sizes '512,512'; several widths separated by ';' or a single list of widths "
+                        "with --suite scaling (each used for both hidden layers)")
+    p.add_argument("--cnn-width", type=int, default=16)
+    p.add_argument("--batch", default=None, help="batch size(s), comma-separated (default per suite)")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (CPU)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--repeats", type=int, default=7, help="timed rounds (after one warm-up period)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--clock", choices=("wall", "process"), default="wall",
+                   help="wall: elapsed time (default); process: this process's CPU time, robust to other load "
+                        "on the machine (use with --threads 1)")
+    p.add_argument("--peers", action="store_true", help="also time the peer libraries (curvlab.bench.peers)")
+    p.add_argument("--json", default=None, help="write every row and the environment to this file")
+    args = p.parse_args(argv)
+    if ";" in args.hidden:
+        args.hidden = [_ints(h, "--hidden") for h in args.hidden.split(";")]
+    elif args.suite == "scaling" and not args.variant and "," in args.hidden and args.model == "mlp":
+        args.hidden = [[w, w] for w in _ints(args.hidden, "--hidden")]
+    else:
+        args.hidden = [_ints(args.hidden, "--hidden")]
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    out: dict[str, Any] = {"schema": SCHEMA, "environment": environment(device),
+                           "settings": {k: v for k, v in vars(args).items() if k != "json"}, "cases": []}
+    for batch, hidden, variants, targets in _cases(args):
+        torch.manual_seed(args.seed)
+        model = build_model(args.model, hidden, width=args.cnn_width).to(device, dtype)
+        x = torch.randn(batch, 784, device=device, dtype=dtype)
+        y = torch.randint(0, 10, (batch,), device=device)
+        extra = {}
+        if args.peers:
+            from .peers_bench import peer_entries
+            extra = peer_entries(model, x, y)
+        rows = measure(model, x, y, variants, repeats=args.repeats, extra=extra, clock=args.clock)
+        for r in rows:
+            if r["label"] in targets:
+                r["target"] = targets[r["label"]]
+        name = f"{args.model} {'-'.join(map(str, [784, *hidden, 10])) if args.model == 'mlp' else args.cnn_width}"
+        print(f"\n{name}, batch {batch}, {device}, {args.dtype}, {torch.get_num_threads()} threads "
+              f"(ratios to torch.optim.SGD(momentum=0.9) in the same process; '!' = above target)")
+        print(format_rows(rows))
+        skipped = {r["label"]: r["skipped_steps"] for r in rows if r.get("skipped_steps")}
+        if skipped:
+            print(f"WARNING: skipped (non-finite) steps make these rows meaningless: {skipped}")
+        out["cases"].append({"model": args.model, "hidden": hidden, "batch": batch, "rows": rows})
+    if args.json:
+        atomic_write_json(Path(args.json), out)
+        print(f"wrote {args.json}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
