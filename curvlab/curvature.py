@@ -31,6 +31,9 @@ from .linalg import NumericsEvent
 class Curvature:
     """Per-layer curvature approximation. Subclasses implement the methods listed in the module doc."""
 
+    #: ``solve`` is the identity on every parameter of the layer: units then skip the matrix view entirely
+    passthrough: bool = False
+
     def __init__(self, name: str, module: nn.Module, adapter: LayerAdapter, config: dict[str, Any],
                  events: list[NumericsEvent]) -> None:
         self.name, self.module, self.adapter, self.config = name, module, adapter, config
@@ -44,6 +47,10 @@ class Curvature:
     def ready(self) -> bool:
         """True once the curvature can ``solve`` (statistics gathered and inverses refreshed)."""
         return True
+
+    def bind(self, unit: Any) -> None:
+        """Called once by the optimizer with the :class:`curvlab.units.Unit` owning this curvature, after the
+        parameterization configured it (a curvature that must read live per-unit hyper-parameters keeps it)."""
 
     def statistics(self, stats: LayerStats) -> dict[str, torch.Tensor]:
         return {}

@@ -7,8 +7,8 @@ them); it only does less work or fewer passes over memory.
   ``X.T @ X``; measured 0.64x the time of ``X.T @ X`` for ``X`` of 1024 x 785 and 0.70x for 1024 x 513 on one
   CPU thread. Used for every Kronecker factor and Shampoo statistic.
 * :func:`all_finite` -- the NaN/Inf test of the step in one reduction per tensor (the sum of a tensor with a
-  NaN or an Inf is not finite; a float64 accumulator avoids false alarms from overflow, and any non-finite
-  sum is re-checked elementwise), instead of ``isfinite(t).all()``'s four passes.
+  NaN or an Inf is not finite, so a finite sum proves every entry finite; a non-finite sum, which finite
+  entries can also give by overflow, is re-checked elementwise), instead of ``isfinite(t).all()``'s passes.
 """
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
     if not tensors:
         return True
     device = tensors[0].device
-    sums = torch.stack([t.sum(dtype=torch.float64).to(device) for t in tensors])
+    sums = torch.stack([t.sum().to(device, torch.float64) for t in tensors])
     if bool(torch.isfinite(sums).all()):
         return True
     return bool(torch.stack([torch.isfinite(t).all().to(device) for t in tensors]).all())

@@ -82,6 +82,8 @@ class Unit:
 
     def solve(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """Damped inverse curvature times ``tensors`` (parameter-shaped); identity for fallback units."""
+        if self.curvature is not None and self.curvature.passthrough:
+            return list(tensors)
         return self._apply("solve", tensors)
 
     def mv(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:

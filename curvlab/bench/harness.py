@@ -155,7 +155,8 @@ class Variant:
             key, eq, value = item.partition("=")
             if not eq or not key.strip():
                 raise ValueError(f"variant {spec!r}: hyper-parameter {item!r} must look like key=value")
-            hyper[key.strip()] = parse_value(value.strip())
+            value = value.strip()
+            hyper[key.strip()] = {"True": True, "False": False, "None": None}.get(value, parse_value(value))
         return cls(*parts, hyper=hyper)
 
 

@@ -12,6 +12,9 @@ from ..registry import register_estimator
 
 
 class IdentityCurvature(Curvature):
+    passthrough = True
+    refreshed = ()    # data parallel (curvlab.distributed): no statistics, nothing to refresh or send
+
     def solve(self, mat: torch.Tensor) -> torch.Tensor:
         return mat
 

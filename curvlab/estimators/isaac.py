@@ -75,6 +75,11 @@ def _spd_solve(factor: tuple[str, torch.Tensor], rhs: torch.Tensor) -> torch.Ten
 class IsaacCurvature(Curvature):
     """``I (x) X^T X / b`` of one Linear / Conv2d layer, solved as ISAAC's zeta* (eq. I.6)."""
 
+    #: data parallel (:mod:`curvlab.distributed`): the rows X / sqrt(b) are gathered over ranks (b -> global),
+    #: the EMA variant's A is a mean; refresh sets ``cache``
+    reductions = {"X": "cat_rms", "A": "mean_sym"}
+    refreshed = ("cache",)
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.bias_plain = self.adapter.has_bias(self.module) and self.config["isaac_bias"] == "plain"
@@ -197,6 +202,10 @@ class ISAAC(Estimator):
                                 "b in X^T X / b: number of examples N (as K-FAC's A) or rows N*T (conv/sequence)"),
         "isaac_ema": Option(False, boolean,
                             "False: current batch only, ema_decay ignored (official); True: EMA of X^T X / b"),
+        "isaac_fused": Option(False, boolean,
+                              "True: zeta* computed inside backward instead of the weight gradient (Linear layers, "
+                              "rules natural/sngm; weight .grad then holds the ISAAC direction; "
+                              "curvlab.estimators.isaac_fused)"),
     }
     # The official MNIST example's values (lr 1.0, lambda_a 10, plain SGD). Digits MLP / CNN, batch 64, 4 epochs,
     # 3 seeds: 0.969-0.980 / 0.947-0.960 test accuracy; lr in [0.5, 2] x damping in [3, 30] all reach >= 0.88,
@@ -211,5 +220,20 @@ class ISAAC(Estimator):
             raise HyperParameterError("isaac_branch='woodbury' needs the batch inputs, which isaac_ema=True does "
                                       "not keep; use isaac_branch='auto' or 'direct' with isaac_ema=True")
 
+        if config["isaac_fused"]:
+            if config["isaac_ema"]:
+                raise HyperParameterError("isaac_fused=True uses the current batch inside backward; it has no "
+                                          "isaac_ema=True variant")
+            if config["kl_clip"] is not None:
+                raise HyperParameterError("isaac_fused=True cannot be combined with kl_clip (the KL clip needs the "
+                                          "plain gradient, which the fused backward does not form)")
+            self.provides = frozenset({"solve"})
+
+    def create(self, name: str, module: torch.nn.Module, adapter: Any, events: list[NumericsEvent]) -> Curvature:
+        if self.config["isaac_fused"]:
+            from .isaac_fused import FusedIsaacCurvature
+            return FusedIsaacCurvature(name, module, adapter, self.config, events)
+        return super().create(name, module, adapter, events)
+
     def captures(self) -> set[str]:
-        return {"inputs"}
+        return set() if self.config["isaac_fused"] else {"inputs"}

@@ -71,7 +71,7 @@ class NaturalGradient(UpdateRule):
                     d = d * scale
                 if mu or keep_buffer:
                     buf = state.get(p, {}).get(key)
-                    d = d.clone() if buf is None else buf * mu + d
+                    d = d.clone() if buf is None else torch.add(d, buf, alpha=mu)
                     plan.state.append((p, key, d))
                 delta = d * (-lr)
                 if decoupled and wd:
