@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml plugins/curvlab-ekfac/pyproject.toml plugins/curvlab-la
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	echo "torch==2.13.0" > $(CONSTRAINTS)
-	$(BIN)/pip install -q -c $(CONSTRAINTS) numpy scipy matplotlib tqdm pytest scikit-learn einops unfoldNd mnist1d requests
+	$(BIN)/pip install -q -c $(CONSTRAINTS) numpy scipy matplotlib tqdm pytest scikit-learn einops unfoldNd mnist1d requests submitit
 	$(BIN)/pip install -q --no-deps backpack-for-pytorch
 	$(BIN)/pip install -q -c $(CONSTRAINTS) --no-deps --no-build-isolation -e .
 	$(BIN)/pip install -q -c $(CONSTRAINTS) --no-deps --no-build-isolation -e plugins/curvlab-ekfac
@@ -36,3 +36,10 @@ check: $(STAMP)
 
 clean:
 	rm -rf $(VENV) $(CONSTRAINTS) demo_output
+
+# Optional peer libraries for the benchmark comparison (curvlab/bench/peers.py); never needed by the core.
+# --no-deps: curvlinops declares torchvision (see ../shared/SETUP.md); their real import-time deps are listed.
+.PHONY: peers
+peers: $(STAMP)
+	$(BIN)/pip install -q -c $(CONSTRAINTS) --no-deps asdfghjkl curvlinops-for-pytorch pytorch-optimizer singd
+	$(BIN)/pip install -q -c $(CONSTRAINTS) --no-deps einconv linear_operator opt-einsum

@@ -33,6 +33,14 @@ class Curvature:
 
     #: ``solve`` is the identity on every parameter of the layer: units then skip the matrix view entirely
     passthrough: bool = False
+    #: data parallel (:mod:`curvlab.distributed`): how each statistic is reduced across ranks, by key
+    #: (``"mean"`` default, ``"mean_sym"``, ``"cat"``, ``"cat_rms"``, ``"none"``; ``"*"`` for every key)
+    reductions: dict[str, str] = {}
+    #: data parallel, ``data_parallel_refresh="distributed"``: the attributes a refresh sets (sent by the owner
+    #: rank); ``None`` = the whole ``state_dict``; ``()`` = nothing
+    refreshed: tuple[str, ...] | None = None
+    #: data parallel: a message refusing it (the curvature cannot be made equal to the whole-batch step)
+    data_parallel_refusal: str | None = None
 
     def __init__(self, name: str, module: nn.Module, adapter: LayerAdapter, config: dict[str, Any],
                  events: list[NumericsEvent]) -> None:

@@ -16,6 +16,9 @@ Pinned names (later estimators and rules reuse them, never rename them):
 ``kl_clip``      kappa of the KL / trust-region clip (Ba et al. 2017), ``None`` = off
 =============== ========================================================================================
 
+Data parallelism (:mod:`curvlab.distributed`): ``data_parallel`` (``"auto"``/True/False) and
+``data_parallel_refresh`` (``"replicated"``/``"distributed"``).
+
 Components declare extra options with :class:`Option`; :func:`resolve` validates the union and raises
 ``ValueError``/``TypeError`` naming the argument.
 """
@@ -112,6 +115,12 @@ def boolean(name: str, value: Any) -> bool:
     return value
 
 
+def _data_parallel(name: str, value: Any) -> str | bool:
+    if value in ("auto",) or isinstance(value, bool):
+        return value
+    raise HyperParameterError(f"{name} must be 'auto', True or False, got {value!r}")
+
+
 COMMON: dict[str, Option] = {
     "lr": Option(0.1, non_negative, "learning rate", per_group=True),
     "damping": Option(1e-3, non_negative, "Tikhonov damping lambda", per_group=True),
@@ -130,6 +139,13 @@ COMMON: dict[str, Option] = {
                      "precondition only these module names (None = every layer an adapter claims)"),
     "nonfinite": Option("skip", one_of("skip", "raise"),
                         "NaN/Inf in gradients or statistics: skip the step (logged) or raise"),
+    "data_parallel": Option("auto", _data_parallel,
+                            "torch.distributed data parallelism (curvlab.distributed): 'auto' = on for a DDP model or "
+                            "a process group of > 1 ranks; True = require a process group; False = this rank only"),
+    "data_parallel_refresh": Option("replicated", one_of("replicated", "distributed"),
+                                    "data-parallel inverse/root refreshes: every rank refreshes every layer "
+                                    "('replicated') or each layer's owner rank refreshes and broadcasts it "
+                                    "('distributed', KAISA-like, owners balanced by estimated cost)"),
 }
 
 

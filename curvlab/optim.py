@@ -26,19 +26,16 @@ from . import rules as _rules  # noqa: F401
 from . import scalings as _scalings  # noqa: F401
 from .adapters import UnsupportedLayer, find_adapter
 from .capture import HookCapture
+from .distributed import DataParallel
 from .hyper import COMMON, merge_options, resolve
+from .kernels import all_finite as _finite
 from .linalg import NumericsEvent
+from .profiling import Sections, section
 from .registry import ESTIMATORS, RULES, SCALINGS
 from .stats import LayerStats
 from .units import Unit
 
 log = logging.getLogger("curvlab")
-
-
-def _finite(tensors) -> bool:
-    """All entries of all tensors finite, with a single host synchronization."""
-    flags = [torch.isfinite(t).all() for t in tensors]
-    return bool(torch.stack(flags).all()) if flags else True
 
 
 class CurvlabOptimizer(torch.optim.Optimizer):
@@ -56,14 +53,19 @@ class CurvlabOptimizer(torch.optim.Optimizer):
                              f"got fisher={self.config['fisher']!r}")
         self.names = {"estimator": est_cls.registry_name, "rule": rule_cls.registry_name,
                       "scaling": scaling_cls.registry_name}
-        self.model = model
+        self.dist = DataParallel(model, self.config)      # DDP / process group / none (curvlab.distributed)
+        self.model = model = self.dist.module
         self.estimator = est_cls(self.config)
         self.rule = rule_cls(self.config)
         self.rule.check(self.estimator)
         self.events: list[NumericsEvent] = []
         self.skipped_steps = 0
         self._t = 0
+        #: per-section step timing (:mod:`curvlab.profiling`); ``None`` = off
+        self.sections: Sections | None = None
         self.units = self._build_units(model, strict)
+        self.dist.bind(self.units)
+        self.rule.dist = self.dist
         if not self.units:
             raise ValueError("the model has no trainable parameters (requires_grad=True)")
         self._layout = self._param_layout()
@@ -72,6 +74,9 @@ class CurvlabOptimizer(torch.optim.Optimizer):
         super().__init__([p for u in self.units for p in u.params], defaults)
         self._bind_groups()
         scaling_cls(self.config).configure(model, self.units, self.names["estimator"], self.names["rule"])
+        for unit in self.units:
+            if unit.curvature is not None:
+                unit.curvature.bind(unit)
         needs = self._needs = self.estimator.captures() | self.rule.captures()
         layers = {u.name: u.module for u in self.units if u.preconditioned}
         backend = HookCapture
@@ -81,7 +86,7 @@ class CurvlabOptimizer(torch.optim.Optimizer):
             model, layers, loss=self.config["loss"], fisher=self.config["fisher"],
             mc_samples=self.config["mc_samples"], want_inputs="inputs" in needs,
             want_fisher_grads="fisher_grads" in needs, want_real_grads="real_grads" in needs,
-            is_stat_step=self._is_stat_step, seed=seed, every_step=self.rule.every_step,
+            is_stat_step=self._is_stat_step, seed=self.dist.seed(seed), every_step=self.rule.every_step,
         ) if needs & {"inputs", "fisher_grads", "real_grads"} else None
 
     # -- construction ----------------------------------------------------------------------------------
@@ -182,6 +187,7 @@ class CurvlabOptimizer(torch.optim.Optimizer):
     def _accumulate(self, stats: dict[str, LayerStats]) -> bool:
         by_name = {u.name: u for u in self.units}
         new = {name: by_name[name].curvature.statistics(s) for name, s in stats.items()}
+        new = self.dist.reduce_statistics(new, stats, {n: by_name[n].curvature for n in new})  # one collective
         bad = [name for name, s in new.items() if not _finite(s.values())]
         if bad:
             self._skip(f"non-finite curvature statistics in layers {bad}")
@@ -200,9 +206,10 @@ class CurvlabOptimizer(torch.optim.Optimizer):
 
     def refresh(self, force: bool = True) -> None:
         """Recompute inverses / roots (all layers, or only those not ready when ``force=False``)."""
-        for unit in self.units:
-            if unit.preconditioned and (force or not unit.curvature.ready):
-                unit.curvature.refresh(unit.hyper("damping"))
+        todo = [u for u in self.units if u.preconditioned and (force or not u.curvature.ready)]
+        for unit in self.dist.owned(todo):                 # all of them unless data_parallel_refresh="distributed"
+            unit.curvature.refresh(unit.hyper("damping"))
+        self.dist.share(todo)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None):
@@ -211,16 +218,19 @@ class CurvlabOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_model_unchanged()
+        self.dist.reduce_gradients(self.units)              # raw model + process group only
         grads = {u.name: g for u in self.units if (g := u.grads()) is not None}
         if not _finite([t for g in grads.values() for t in g]):          # one host sync for all gradients
             bad = [name for name, g in grads.items() if not _finite(g)]
             self._skip(f"non-finite gradients in {bad}")
             return loss
         stat_step = self._is_stat_step()
-        stats = self._collect_stats() if stat_step or self.rule.every_step else {}
-        if stat_step and not self._accumulate(stats):
-            return loss
-        self.refresh(force=self._t % self.config["inv_interval"] == 0)
+        with section(self.sections, "statistics"):
+            stats = self._collect_stats() if stat_step or self.rule.every_step else {}
+            if stat_step and not self._accumulate(stats):
+                return loss
+        with section(self.sections, "refresh"):
+            self.refresh(force=self._t % self.config["inv_interval"] == 0)
         for unit in self.units:
             if unit.preconditioned and not unit.curvature.ready and unit.grads() is not None:
                 raise RuntimeError(
@@ -228,14 +238,15 @@ class CurvlabOptimizer(torch.optim.Optimizer):
                     "curvlab was not capturing (under torch.no_grad(), curvlab.capture.paused(), or on a statistics-"
                     "free step before the first statistics step). Run forward and backward in the plain loop."
                 )
-        plan = self.rule.plan(self.units, self.state, stats)
-        if not _finite(plan.tensors()):
-            self._skip("the update rule produced non-finite updates")
-            return loss
-        for p, key, value in plan.state:
-            self.state[p][key] = value
-        for p, delta in plan.updates:
-            p.add_(delta)
+        with section(self.sections, "precondition"):
+            plan = self.rule.plan(self.units, self.state, stats)
+            if not _finite(plan.tensors()):
+                self._skip("the update rule produced non-finite updates")
+                return loss
+            for p, key, value in plan.state:
+                self.state[p][key] = value
+            for p, delta in plan.updates:
+                p.add_(delta)
         if self.capture:
             self.capture.clear()
         self._t += 1

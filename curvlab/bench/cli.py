@@ -37,16 +37,20 @@ TARGETS: list[tuple[tuple[int, ...], str, float | None]] = [
     ((1024,), "kfac:fisher=empirical,stat_interval=1,inv_interval=10", 2.2),
     ((1024,), "kfac/fop:fisher=empirical,stat_interval=10,inv_interval=10", None),
     ((1024,), "miniblock:fisher=empirical,stat_interval=10,inv_interval=10", 2.0),
+    ((1024,), "miniblock:fisher=empirical,stat_interval=10,inv_interval=10,miniblock_size=16", None),
+    ((1024,), "miniblock:fisher=empirical,stat_interval=10,inv_interval=10,miniblock_size=1", None),
     ((1024,), "shampoo:inv_interval=100", 1.8),
     ((1024,), "shampoo:inv_interval=10", None),
     ((1024,), "identity/sngm", None),
-    ((64, 128), "isaac:fisher=empirical,stat_interval=1,inv_interval=1", None),
+    ((64, 128), "identity/natural", None),
+    ((64, 128), "isaac:isaac_fused=True", None),
+    ((64, 128), "isaac:stat_interval=1,inv_interval=1", None),
 ]
 ISAAC_TARGETS = {64: 1.2, 128: 1.3}
 SCALING_SUITE = ["kfac:fisher=empirical,stat_interval=10,inv_interval=10",
                  "kfac:fisher=empirical,stat_interval=1,inv_interval=10",
-                 "shampoo:inv_interval=100", "isaac:fisher=empirical,stat_interval=1,inv_interval=1",
-                 "miniblock:fisher=empirical,stat_interval=10,inv_interval=10"]
+                 "shampoo:inv_interval=100", "isaac:isaac_fused=True",
+                 "miniblock:fisher=empirical,stat_interval=10,inv_interval=10,miniblock_size=16"]
 
 
 def build_model(kind: str, hidden: list[int], inputs: int = 784, outputs: int = 10, width: int = 16) -> nn.Module:
@@ -113,12 +117,52 @@ def _cases(args: argparse.Namespace) -> list[tuple[int, list[int], list[Variant]
                 v = Variant.parse(spec)
                 vs, tg = cases.setdefault(b, ([], {}))
                 vs.append(v)
-                t = ISAAC_TARGETS.get(b) if v.estimator == "isaac" else target
+                t = ISAAC_TARGETS.get(b) if v.hyper.get("isaac_fused") else target
                 if t is not None and (batches is None or b in sizes):
                     tg[v.label] = t
         return [(b, h, vs, tg) for b, (vs, tg) in sorted(cases.items()) for h in hidden_sizes]
     variants = [Variant.parse(s) for s in SCALING_SUITE]
     return [(b, h, variants, {}) for b in (batches or [64, 1024, 8192]) for h in hidden_sizes]
+
+
+#: peer comparisons at identical settings (curvlab.bench.peers): (title, peers, settings)
+_PEER_BASE = {"lr": 1e-3, "damping": 1e-3, "momentum": 0.9, "fisher": "empirical", "ema_decay": 0.95}
+PEER_SUITE: list[tuple[str, list[str], dict[str, Any]]] = [
+    ("K-FAC, statistics and inverses every 10", ["asdl-kfac", "curvlinops-kfac", "singd"],
+     {**_PEER_BASE, "stat_interval": 10, "inv_interval": 10}),
+    ("K-FAC, statistics every step, inverses every 10", ["asdl-kfac", "curvlinops-kfac", "singd"],
+     {**_PEER_BASE, "stat_interval": 1, "inv_interval": 10}),
+    ("Shampoo, roots every 10", ["asdl-shampoo", "pytorch_optimizer-shampoo"],
+     {**_PEER_BASE, "stat_interval": 1, "inv_interval": 10}),
+    ("Shampoo, roots every 100", ["asdl-shampoo", "pytorch_optimizer-shampoo"],
+     {**_PEER_BASE, "stat_interval": 1, "inv_interval": 100}),
+]
+
+
+def run_peers(model: nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: int) -> list[dict[str, Any]]:
+    """Each peer against its curvlab equivalent, interleaved; prints ``curvlab / peer`` (target <= 0.8)."""
+    from .peers import compare, peer_status
+
+    status = peer_status()
+    missing = {p: s for p, s in status.items() if not s.startswith("ok")}
+    if missing:
+        print(f"peers not available (install with `make peers`): {missing}")
+    results = []
+    for title, names, settings in PEER_SUITE:
+        names = [n for n in names if n not in missing]
+        if not names:
+            continue
+        res = compare(model, x, y, names, repeats=repeats, **settings)
+        print(f"\n{title}: step time, curvlab equivalent / peer (target <= 0.8 against the fastest peer)")
+        for peer in names:
+            ref = res["reference"][peer]
+            row = {"suite": title, "peer": peer, "version": status[peer], "curvlab": ref,
+                   "peer_ms": 1e3 * res["seconds"][peer], "curvlab_ms": 1e3 * res["seconds"][ref],
+                   "curvlab_over_peer": 1.0 / res["ratios"][peer], "finite": res["finite"][peer]}
+            results.append(row)
+            print(f"  {peer:<28} {row['peer_ms']:>9.2f} ms   curvlab {row['curvlab_ms']:>9.2f} ms   "
+                  f"curvlab/peer {row['curvlab_over_peer']:>5.2f}{'' if row['finite'] else '  (peer diverged)'}")
+    return results
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -130,8 +174,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    help="targets: the issue-7 target set; scaling: a few variants over batch sizes / widths")
     p.add_argument("--model", choices=("mlp", "cnn"), default="mlp")
     p.add_argument("--hidden", default="512,512",
-                   help="MLP hidden sizes '512,512'; several widths separated by ';' or a single list of widths "
-                        "with --suite scaling (each used for both hidden layers)")
+                   help="MLP hidden sizes '512,512'; several models separated by ';'; with --suite scaling a list of "
+                        "widths, each used for both hidden layers (default 512,512 there means widths 512)")
     p.add_argument("--cnn-width", type=int, default=16)
     p.add_argument("--batch", default=None, help="batch size(s), comma-separated (default per suite)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (CPU)")
@@ -147,8 +191,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     if ";" in args.hidden:
         args.hidden = [_ints(h, "--hidden") for h in args.hidden.split(";")]
-    elif args.suite == "scaling" and not args.variant and "," in args.hidden and args.model == "mlp":
-        args.hidden = [[w, w] for w in _ints(args.hidden, "--hidden")]
+    elif args.suite == "scaling" and not args.variant and args.model == "mlp":
+        args.hidden = [[w, w] for w in dict.fromkeys(_ints(args.hidden, "--hidden"))]
     else:
         args.hidden = [_ints(args.hidden, "--hidden")]
     torch.set_num_threads(args.threads)
@@ -161,11 +205,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model = build_model(args.model, hidden, width=args.cnn_width).to(device, dtype)
         x = torch.randn(batch, 784, device=device, dtype=dtype)
         y = torch.randint(0, 10, (batch,), device=device)
-        extra = {}
-        if args.peers:
-            from .peers_bench import peer_entries
-            extra = peer_entries(model, x, y)
-        rows = measure(model, x, y, variants, repeats=args.repeats, extra=extra, clock=args.clock)
+        rows = measure(model, x, y, variants, repeats=args.repeats, clock=args.clock)
         for r in rows:
             if r["label"] in targets:
                 r["target"] = targets[r["label"]]
@@ -176,7 +216,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         skipped = {r["label"]: r["skipped_steps"] for r in rows if r.get("skipped_steps")}
         if skipped:
             print(f"WARNING: skipped (non-finite) steps make these rows meaningless: {skipped}")
-        out["cases"].append({"model": args.model, "hidden": hidden, "batch": batch, "rows": rows})
+        case = {"model": args.model, "hidden": hidden, "batch": batch, "rows": rows}
+        if args.peers:
+            case["peers"] = run_peers(model, x, y, args.repeats)
+        out["cases"].append(case)
     if args.json:
         atomic_write_json(Path(args.json), out)
         print(f"wrote {args.json}")

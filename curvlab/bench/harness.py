@@ -32,7 +32,8 @@ StepFn = Callable[[], Any]
 
 #: hyper-parameters every benchmarked variant starts from (a variant's own values win): a small learning rate
 #: keeps the repeated steps on one batch of random labels finite (a skipped step would cost less and bias the
-#: ratio; rows report ``skipped_steps``), and SGD's momentum.
+#: ratio; rows report ``skipped_steps``; parameters are also restored after every timed block), and SGD's
+#: momentum.
 BENCH_DEFAULTS: dict[str, Any] = {"lr": 1e-3, "momentum": 0.9}
 
 
@@ -41,7 +42,7 @@ CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "process": 
 
 def interleaved(steps: dict[str, StepFn], *, warmup: int = 2, repeats: int = 10,
                 sync: Callable[[], None] | None = None, block: dict[str, int] | int = 1,
-                clock: str = "wall") -> dict[str, list[float]]:
+                clock: str = "wall", after_block: Callable[[str], None] | None = None) -> dict[str, list[float]]:
     """Seconds per step of each zero-argument ``steps[name]``, measured round-robin.
 
     Each of ``repeats`` rounds runs ``block`` consecutive calls of every step function in turn (``block`` may
@@ -49,7 +50,8 @@ def interleaved(steps: dict[str, StepFn], *, warmup: int = 2, repeats: int = 10,
     discarded. ``sync`` (e.g. ``torch.cuda.synchronize``) is called before and after each timed block.
     ``clock="wall"`` (default) measures elapsed time; ``"process"`` the CPU time of this process (all its
     threads), which other processes competing for the cores do not inflate (use it on a busy machine with
-    one thread; GPU work is not CPU time, so use "wall" on a GPU).
+    one thread; GPU work is not CPU time, so use "wall" on a GPU). ``after_block(name)``, if given, runs after
+    each block, outside the timed region.
     Returns ``{name: [seconds per call, one entry per round]}``.
     """
     if clock not in CLOCKS:
@@ -75,6 +77,8 @@ def interleaved(steps: dict[str, StepFn], *, warmup: int = 2, repeats: int = 10,
                 sync()
             if r >= warmup:
                 times[name].append((now() - start) / blocks[name])
+            if after_block is not None:
+                after_block(name)
     return times
 
 
@@ -179,6 +183,14 @@ class TimedStep:
         self.model, self.opt, self.x, self.y = model, opt, x, y
         self.loss_fn, self.sync, self.clock = _loss_fn(loss), sync, clock
         self.fwd_bwd_s, self.calls = 0.0, 0
+        self._initial = [p.detach().clone() for p in model.parameters()]
+
+    def restore_parameters(self) -> None:
+        """Put the parameters back to their initial values (in place; the optimizer state is kept), so that
+        repeated steps on one batch of random labels never drift into overflow (a skipped step costs less)."""
+        with torch.no_grad():
+            for p, p0 in zip(self.model.parameters(), self._initial):
+                p.copy_(p0)
 
     def __call__(self) -> None:
         self.opt.zero_grad(set_to_none=True)
@@ -251,10 +263,14 @@ def measure(model: nn.Module, x: torch.Tensor, y: torch.Tensor, variants: list[V
                         extra={k: (m, o) for k, (m, o, _) in (extra or {}).items()})
     periods = {"sgd": 1, **{v.label: v.period for v in variants}, **{k: p for k, (_, _, p) in (extra or {}).items()}}
     # warm-up: one period of each (first statistics, first inverses, allocator caches), then the timed rounds
-    interleaved(steps, warmup=0, repeats=max(warmup, 1), sync=sync, block=periods, clock=clock)
+    def restore(name: str) -> None:
+        steps[name].restore_parameters()
+
+    interleaved(steps, warmup=0, repeats=max(warmup, 1), sync=sync, block=periods, clock=clock, after_block=restore)
     for s in steps.values():
         s.reset()
-    times = interleaved(steps, warmup=0, repeats=repeats, sync=sync, block=periods, clock=clock)
+    times = interleaved(steps, warmup=0, repeats=repeats, sync=sync, block=periods, clock=clock,
+                        after_block=restore)
     ratios = paired_ratios(times, "sgd")
     by_label = {v.label: v for v in variants}
     rows = []

@@ -74,6 +74,9 @@ class FusedIsaacCurvature(Curvature):
     """ISAAC folded into backward for one ``nn.Linear``: ``solve`` is the identity on the fused direction."""
 
     passthrough = True
+    data_parallel_refusal = ("isaac_fused=True preconditions each rank's local gradient inside backward, so data "
+                             "parallel would average per-rank ISAAC directions, not the whole-batch step; use "
+                             "isaac_fused=False")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

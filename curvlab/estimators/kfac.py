@@ -58,6 +58,10 @@ def trace_norm_pi(a: torch.Tensor, g: torch.Tensor) -> float:
 class KroneckerCurvature(Curvature):
     """``G (x) A`` for one Linear / Conv2d layer."""
 
+    #: data parallel (:mod:`curvlab.distributed`): A and G are means over examples; refresh sets ``inverses``
+    reductions = {"A": "mean_sym", "G": "mean_sym"}
+    refreshed = ("inverses",)
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.A: torch.Tensor | None = None

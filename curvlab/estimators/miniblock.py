@@ -178,6 +178,11 @@ def _block_damping(diag_mean: Tensor, damping: float, relative: bool) -> Tensor:
 class MiniBlockCurvature(Curvature):
     """Block-diagonal mini-block empirical Fisher of one Linear / Conv2d layer."""
 
+    #: data parallel (:mod:`curvlab.distributed`): direct/chunked blocks are means over examples; the Woodbury
+    #: rows a / sqrt(N) and g are gathered over ranks; refresh sets ``factors`` or ``wood``
+    reductions = {"blocks": "mean_sym", "a": "cat_rms", "g": "cat"}
+    refreshed = ("factors", "wood")
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.mode: str | None = None

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .config import ConfigError, apply_overrides, load_config, resolve_config, run_id
+from .config import ConfigError, apply_overrides, load_config, parse_value, resolve_config, run_id
 
 __all__ = ["run_main", "sweep_main", "report_main", "parse_overrides"]
 
@@ -99,6 +100,8 @@ def run_main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: the same command resumes from the last finished epoch", file=sys.stderr)
         return 130
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
+        return 0
     s = result.summary
     state = "already finished" if result.skipped else "finished"
     acc = s.get("final_test_accuracy")
@@ -110,7 +113,8 @@ def run_main(argv: Sequence[str] | None = None) -> int:
 
 
 def sweep_main(argv: Sequence[str] | None = None) -> int:
-    """``curvlab sweep CONFIG [--workers N] [--out DIR]``: run a grid, resumable; then report it."""
+    """``curvlab sweep CONFIG [--workers N] [--out DIR] [--launcher local|submitit|local-submitit ...]``: run a
+    grid, resumable (locally or as SLURM jobs through submitit); then report it."""
     parser = argparse.ArgumentParser(prog="curvlab sweep", description="Expand the config's [sweep] grid into "
                                      "runs, run the unfinished ones in parallel processes, report.",
                                      epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -121,6 +125,21 @@ def sweep_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--list", action="store_true", help="list the runs (id, finished, name) and stop")
     parser.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    group = parser.add_argument_group("launcher (sweep.launcher; see curvlab.experiments.submitit_launcher)")
+    group.add_argument("--launcher", choices=("local", "submitit", "local-submitit"),
+                       help="local processes (default), one SLURM job per run through submitit, or submitit's "
+                       "local executor (testing)")
+    for flag, kind, text in (("--partition", str, "SLURM partition"),
+                             ("--timeout-min", float, "job time limit in minutes (default 60)"),
+                             ("--nodes", int, "nodes per job (default 1)"),
+                             ("--tasks-per-node", int, "tasks per node; > 1 makes each run data parallel"),
+                             ("--gpus-per-node", int, "GPUs per node (default 0)"),
+                             ("--cpus-per-task", int, "CPUs per task"), ("--mem-gb", float, "memory per node")):
+        group.add_argument(flag, type=kind, help=text)
+    group.add_argument("--slurm-arg", action="append", default=[], metavar="KEY=VALUE",
+                       help="extra sbatch option, e.g. --slurm-arg account=abc --slurm-arg qos=high (repeatable)")
+    group.add_argument("--no-wait", action="store_true", help="submitit: return after submitting; run the same "
+                       "command again later to collect the results and report")
     try:
         rest, dotted = parse_overrides(list(sys.argv[1:] if argv is None else argv))
     except ConfigError as err:
@@ -137,13 +156,17 @@ def sweep_main(argv: Sequence[str] | None = None) -> int:
                 done = "done" if is_finished(out / "runs" / point.run_id) else "todo"
                 print(f"{point.run_id}  {done}  {point.config['name']}")
             return 0
-        result = run_sweep(cfg, out, workers=args.workers, quiet=args.quiet)
+        result = run_sweep(cfg, out, workers=args.workers, quiet=args.quiet, launcher=_launcher(cfg, args))
     except _EXPECTED as err:
         return _fail(err)
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished runs are kept; `curvlab sweep {args.config} --out {out}` resumes",
               file=sys.stderr)
         return 130
+    if result.pending:
+        print(f"{len(result.pending)} run(s) submitted and not finished yet; `curvlab sweep {args.config} --out "
+              f"{out}` collects them later (nothing is submitted twice while its job lives)")
+        return 0
     if not args.no_report and len(result.failed) < len(result.run_ids):
         from .reporting import report
 
@@ -155,8 +178,31 @@ def sweep_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _launcher(cfg: dict, args: argparse.Namespace) -> dict | None:
+    """``sweep.launcher`` of ``cfg`` (a name or a table) updated with the launcher flags; None if neither."""
+    given = (cfg.get("sweep") or {}).get("launcher")
+    launcher = {"name": given} if isinstance(given, str) else dict(given or {})
+    if args.launcher:
+        launcher["name"] = args.launcher
+    for key in ("partition", "timeout_min", "nodes", "tasks_per_node", "gpus_per_node", "cpus_per_task", "mem_gb"):
+        if getattr(args, key) is not None:
+            launcher[key] = getattr(args, key)
+    if args.slurm_arg:
+        extra = dict(launcher.get("slurm_args") or {})
+        for item in args.slurm_arg:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise ConfigError(f"--slurm-arg {item!r} must look like KEY=VALUE, e.g. account=abc")
+            extra[key.strip()] = parse_value(value.strip())
+        launcher["slurm_args"] = extra
+    if args.no_wait:
+        launcher["wait"] = False
+    return launcher or None
+
+
 def report_main(argv: Sequence[str] | None = None) -> int:
-    """``curvlab report DIR [--out DIR] [--baseline LABEL]``: tables and figures of the finished runs."""
+    """``curvlab report DIR [--out DIR] [--baseline LABEL] [--heatmap ROW,COL] [--vs AXIS] [--target ACC]``:
+    tables and figures of the finished runs (the last three: :mod:`.ablation_report`)."""
     parser = argparse.ArgumentParser(prog="curvlab report", description="Aggregate every finished run under "
                                      "DIR into report.csv, runs.csv, report.txt and figures.")
     parser.add_argument("dir", help="folder holding run directories (a sweep folder, or any parent)")
@@ -165,11 +211,26 @@ def report_main(argv: Sequence[str] | None = None) -> int:
                         "(default: the identity+natural one, i.e. SGD, if present)")
     parser.add_argument("--no-figures", action="store_true", help="tables only")
     parser.add_argument("--quiet", action="store_true", help="do not print the table")
+    parser.add_argument("--heatmap", metavar="ROW,COL", help="also a heat map of --metric over two axes, e.g. "
+                        "estimator,rule (axis: a sweep axis, a config key or its last part; a+b joins keys)")
+    parser.add_argument("--vs", metavar="AXIS", help="also --metric against AXIS (e.g. batch_size), one line per "
+                        "--series value, each point the best configuration over the other axes")
+    parser.add_argument("--series", metavar="AXIS", help="lines of --vs / columns of --target (default: variant, "
+                        "else estimator+rule)")
+    parser.add_argument("--target", type=float, metavar="ACC", help="also epochs / seconds to test accuracy ACC "
+                        "(rows: --vs axis if given, columns: --series)")
+    parser.add_argument("--metric", default="final_test_accuracy", help="summary key of --heatmap and --vs")
     args = parser.parse_args(argv)
     from .reporting import report
 
     try:
         report(args.dir, args.out, baseline=args.baseline, figures=not args.no_figures, quiet=args.quiet)
+        if args.heatmap or args.vs or args.target is not None:
+            from .ablation_report import write_extras
+
+            write_extras(args.dir, args.out or Path(args.dir) / "report", metric=args.metric, vs=args.vs,
+                         heatmap_axes=args.heatmap.split(",") if args.heatmap else None, series=args.series,
+                         target=args.target, quiet=args.quiet)
     except _EXPECTED as err:
         return _fail(err)
     return 0

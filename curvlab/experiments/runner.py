@@ -20,6 +20,10 @@ Reproducibility: the same resolved configuration gives the same metrics bit for 
 except :data:`TIMING_KEYS`): the data loaders use private generators, ``train.seed`` seeds the model
 initialization (global torch RNG), the batch order (a private generator) and the optimizer's MC sampler,
 and ``train.threads`` fixes the thread count (part of the run id, since reductions depend on it).
+
+Data parallel: under ``torchrun`` (``WORLD_SIZE > 1``) the same call trains with
+``DistributedDataParallel``, the global batch ``train.batch_size`` split across the ranks, and only rank 0
+writing files; see :mod:`.launch`.
 """
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ import torch.nn.functional as F
 
 from .config import ConfigError, canonical_json, resolve_config, run_id
 from .io import atomic_torch_save, atomic_write_json, load_torch, read_json, read_jsonl, write_jsonl
+from .launch import DistContext, check_batch_size, set_share, setup, shard, wrap_model
 
 __all__ = ["RunResult", "run", "load_run", "is_finished", "load_split", "evaluate", "lr_factor", "TIMING_KEYS",
            "CONFIG", "METRICS", "SUMMARY", "DONE", "CHECKPOINT"]
@@ -111,12 +116,27 @@ def _loss(task: str, out: torch.Tensor, y: torch.Tensor, reduction: str = "mean"
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, task: str,
-             batch_size: int = 4096) -> tuple[float, float | None]:
-    """Mean loss and accuracy (None unless classification) in eval mode, without curvature capture."""
-    from curvlab import capture
+             batch_size: int = 4096, ctx: DistContext | None = None) -> tuple[float, float | None]:
+    """Mean loss and accuracy (None unless classification) in eval mode, without curvature capture.
 
+    With a distributed ``ctx`` each rank evaluates its contiguous share of ``x`` and the sums are
+    all-reduced, so every rank returns the same numbers (all ranks must call it)."""
     if len(x) == 0:
         return math.nan, None
+    if ctx is not None and ctx.distributed:
+        part = shard(len(x), ctx.rank, ctx.world_size)
+        total, correct = _eval_sums(model, x[part], y[part], task, batch_size)
+        total, correct = ctx.all_sum([total, correct])
+        return total / len(x), (correct / len(x) if task == "classification" else None)
+    total, correct = _eval_sums(model, x, y, task, batch_size)
+    return total / len(x), (correct / len(x) if task == "classification" else None)
+
+
+def _eval_sums(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, task: str,
+               batch_size: int) -> tuple[float, int]:
+    """Summed loss and number of correct predictions over ``x`` (eval mode, capture paused)."""
+    from curvlab import capture
+
     was_training = model.training
     model.eval()
     total, correct = 0.0, 0
@@ -130,7 +150,7 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, task: str
                     correct += int((out.argmax(dim=1) == yb).sum())
     finally:
         model.train(was_training)
-    return total / len(x), (correct / len(x) if task == "classification" else None)
+    return total, correct
 
 
 class _Timed:
@@ -169,6 +189,7 @@ def run(config: Mapping[str, Any], out: str | Path | None = "runs", *, run_dir: 
         quiet: no progress bar.
         force: train again even if the run has finished (its directory is cleared first).
         callbacks: ``callback(epoch, metrics_row)`` after each epoch has been written (and checkpointed).
+            Called on rank 0 only under torchrun.
 
     Returns:
         The :class:`RunResult`; ``skipped=True`` when a finished run was found and not repeated.
@@ -178,35 +199,48 @@ def run(config: Mapping[str, Any], out: str | Path | None = "runs", *, run_dir: 
     rdir = Path(run_dir) if run_dir is not None else (Path(out) / rid if out is not None else None)
     if rdir is not None and (rdir / CONFIG).is_file() and run_id(read_json(rdir / CONFIG)) != rid:
         raise ConfigError(f"{rdir} holds another run ({run_id(read_json(rdir / CONFIG))}); use a fresh directory")
-    if rdir is not None and force and rdir.exists():
-        shutil.rmtree(rdir)
-    if rdir is not None and is_finished(rdir):
-        return load_run(rdir)
-    if rdir is not None:
-        for stale in rdir.glob(".*.tmp"):  # temporaries of a write that was killed before its os.replace
-            stale.unlink(missing_ok=True)
-        atomic_write_json(rdir / CONFIG, resolved)
-    threads = resolved["train"]["threads"]
-    previous_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
+    ctx = setup(resolved["train"]["device"])  # a process group under torchrun; else a no-op (see .launch)
+    ok = False
     try:
-        return _train(resolved, rid, rdir, quiet, callbacks)
+        if rdir is not None and force and rdir.exists() and ctx.is_main:
+            shutil.rmtree(rdir)
+        ctx.barrier()
+        if rdir is not None and is_finished(rdir):
+            ok = True
+            return load_run(rdir)
+        if rdir is not None and ctx.is_main:
+            for stale in rdir.glob(".*.tmp"):  # temporaries of a write that was killed before its os.replace
+                stale.unlink(missing_ok=True)
+            atomic_write_json(rdir / CONFIG, resolved)
+        threads = resolved["train"]["threads"]
+        previous_threads = torch.get_num_threads()
+        if threads:
+            torch.set_num_threads(threads)
+        try:
+            result = _train(resolved, rid, rdir, quiet, callbacks, ctx)
+        finally:
+            torch.set_num_threads(previous_threads)
+        ok = True
+        return result
     finally:
-        torch.set_num_threads(previous_threads)
+        ctx.close(barrier=ok)  # no barrier after an error: the other ranks may be inside a collective
 
 
 def _train(cfg: dict[str, Any], rid: str, rdir: Path | None, quiet: bool,
-           callbacks: Sequence[EpochCallback]) -> RunResult:
+           callbacks: Sequence[EpochCallback], ctx: DistContext) -> RunResult:
     import curvlab
     from curvlab.data import batches
     from tqdm.auto import tqdm
 
     train = cfg["train"]
     dtype = getattr(torch, train["dtype"])
-    device = torch.device(train["device"])
+    device = ctx.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if not ctx.is_main:
+        ctx.barrier()  # rank 0 loads (and possibly downloads) the data set first
     split = load_split(cfg["data"]).to(dtype, device)
+    if ctx.is_main:
+        ctx.barrier()
     task, loss_name = _task_and_loss(split, train["task"])
     x_tr, x_te = split.x_train, split.x_test
     y_tr, y_te = (x_tr, x_te) if task == "autoencoder" else (split.y_train, split.y_test)
@@ -220,21 +254,23 @@ def _train(cfg: dict[str, Any], rid: str, rdir: Path | None, quiet: bool,
     seed = train["seed"]
     torch.manual_seed(seed)
     margs = dict(cfg["model"])
-    model = curvlab.MODELS.get(margs.pop("name"))(split.example_shape, num_outputs, **margs).to(device, dtype)
+    net = curvlab.MODELS.get(margs.pop("name"))(split.example_shape, num_outputs, **margs).to(device, dtype)
+    model = wrap_model(net, ctx)  # DistributedDataParallel under torchrun; `net` is the bare module
     opt = curvlab.optimizer(model, **names, seed=seed, **hyper)
     timer = _Timed(opt.refresh, sync)
     opt.refresh = timer  # instance attribute: the step's self.refresh(...) goes through the timer
     base_lrs = [group["lr"] for group in opt.param_groups]
     generator = torch.Generator().manual_seed(seed)
     batch = split.num_train if train["batch_size"] == "full" else train["batch_size"]
+    check_batch_size(batch, split.num_train, ctx.world_size)
     per_epoch = math.ceil(split.num_train / batch)
     total, warmup = train["epochs"] * per_epoch, round(train["warmup_epochs"] * per_epoch)
     n_eval = min(train["eval_train_examples"], split.num_train)
 
     def measure(epoch: int) -> dict[str, Any]:
-        train_loss = evaluate(model, x_tr[:n_eval], y_tr[:n_eval], task, train["eval_batch_size"])[0] \
+        train_loss = evaluate(net, x_tr[:n_eval], y_tr[:n_eval], task, train["eval_batch_size"], ctx)[0] \
             if n_eval else None
-        test_loss, test_acc = evaluate(model, x_te, y_te, task, train["eval_batch_size"])
+        test_loss, test_acc = evaluate(net, x_te, y_te, task, train["eval_batch_size"], ctx)
         return {"epoch": epoch, "train_loss": train_loss, "test_loss": test_loss, "test_accuracy": test_acc}
 
     rows: list[dict[str, Any]] = []
@@ -243,7 +279,7 @@ def _train(cfg: dict[str, Any], rid: str, rdir: Path | None, quiet: bool,
     if ckpt is not None and ckpt.is_file():
         state = load_torch(ckpt)  # our own file, written by this function; a damaged one is refused
         if state.get("run_id") == rid:
-            model.load_state_dict(state["model"])
+            net.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
             generator.set_state(state["generator"])
             torch.set_rng_state(state["torch_rng"])
@@ -252,7 +288,8 @@ def _train(cfg: dict[str, Any], rid: str, rdir: Path | None, quiet: bool,
         rows.append({**measure(0), "batch_loss": None, "lr": base_lrs[0], "steps": 0, "skipped_steps": 0,
                      **{k: None for k in TIMING_KEYS}})
     label = cfg["name"] or f"{names['estimator']}/{names['rule']}"
-    bar = tqdm(total=total, initial=step, desc=label, unit="step", disable=quiet, leave=False, dynamic_ncols=True)
+    bar = tqdm(total=total, initial=step, desc=label, unit="step", disable=quiet or not ctx.is_main, leave=False,
+               dynamic_ncols=True)
     try:
         for epoch in range(first, train["epochs"] + 1):
             model.train()
@@ -263,6 +300,10 @@ def _train(cfg: dict[str, Any], rid: str, rdir: Path | None, quiet: bool,
                 for group, base in zip(opt.param_groups, base_lrs):
                     group["lr"] = base * factor
                 start = time.perf_counter()
+                if ctx.distributed:  # this rank's share of the global batch; its gradient weight n_rank / n
+                    part = shard(len(xb), ctx.rank, ctx.world_size)
+                    set_share(model, part.stop - part.start, len(xb))
+                    xb, yb = xb[part], yb[part]
                 opt.zero_grad(set_to_none=True)
                 loss = _loss(task, model(xb), yb)
                 loss.backward()
@@ -276,23 +317,25 @@ def _train(cfg: dict[str, Any], rid: str, rdir: Path | None, quiet: bool,
                 bar.set_postfix_str(f"epoch {epoch}/{train['epochs']} loss {value:.4f}", refresh=False)
             epoch_time = time.perf_counter() - epoch_start
             elapsed += epoch_time
+            loss_sum, seen = ctx.all_sum([loss_sum, seen])
             rows.append({**measure(epoch), "batch_loss": loss_sum / max(seen, 1),
                          "lr": opt.param_groups[0]["lr"], "steps": step, "skipped_steps": opt.skipped_steps,
                          "step_time_ms": 1e3 * step_time / per_epoch, "refresh_time_s": timer.total,
                          "epoch_time_s": epoch_time, "time_s": elapsed})
-            if rdir is not None:
+            if rdir is not None and ctx.is_main:
                 write_jsonl(rdir / METRICS, rows)
                 if train["checkpoint"] and epoch < train["epochs"]:
                     atomic_torch_save(ckpt, {"run_id": rid, "epoch": epoch, "step": step, "elapsed": elapsed,
-                                             "metrics": rows, "model": model.state_dict(),
+                                             "world_size": ctx.world_size,
+                                             "metrics": rows, "model": net.state_dict(),
                                              "optimizer": opt.state_dict(), "generator": generator.get_state(),
                                              "torch_rng": torch.get_rng_state()})
-            for callback in callbacks:
+            for callback in callbacks if ctx.is_main else ():
                 callback(epoch, rows[-1])
     finally:
         bar.close()
-    summary = summarize(rows, cfg, rid, task, loss_name, split, opt)
-    if rdir is not None:
+    summary = {**summarize(rows, cfg, rid, task, loss_name, split, opt), "world_size": ctx.world_size}
+    if rdir is not None and ctx.is_main:
         write_jsonl(rdir / METRICS, rows)
         atomic_write_json(rdir / SUMMARY, summary)
         atomic_write_json(rdir / DONE, {"run_id": rid, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})

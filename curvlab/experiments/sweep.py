@@ -26,6 +26,11 @@ epoch checkpoint; every file is written atomically. So a sweep killed at any mom
 ends with every run present exactly once, the finished ones untouched. Parallel runs use the ``spawn``
 start method (safe with torch's threads); each run sets ``torch.set_num_threads(train.threads)``, 1 by
 default. Two sweeps writing the same folder at the same time are not supported.
+
+Launchers: ``[sweep.launcher]`` (or ``curvlab sweep --launcher ...``) chooses where the runs execute:
+``"local"`` (default; the processes above) or ``"submitit"`` (one SLURM job per point, or submitit's
+local executor with ``executor = "local"`` / ``--launcher local-submitit``), with the same resumability;
+see :mod:`.submitit_launcher`.
 """
 from __future__ import annotations
 
@@ -39,12 +44,14 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, apply_overrides, flatten, resolve_config, run_id
-from .io import atomic_write_json, atomic_write_text
+from .io import atomic_write_json, atomic_write_text, read_json
+from .launch import env_world_size
+from .submitit_launcher import resolve_launcher, submit_sweep
 from .runner import EpochCallback, is_finished, run
 
 __all__ = ["expand_sweep", "run_sweep", "SweepResult", "SWEEP_KEYS", "MANIFEST"]
 
-SWEEP_KEYS = ("grid", "variants", "workers")
+SWEEP_KEYS = ("grid", "variants", "workers", "launcher")
 MANIFEST = "sweep.json"
 
 
@@ -60,12 +67,16 @@ class SweepPoint:
 
 @dataclass
 class SweepResult:
-    """``run_ids`` in sweep order; ``ran``: executed now; ``failed``: run id -> traceback text."""
+    """``run_ids`` in sweep order; ``ran``: executed now; ``failed``: run id -> traceback text;
+    ``submitted``: run id -> job id (submitit launcher); ``pending``: runs still unfinished on return
+    (submitit without waiting)."""
 
     out: Path
     run_ids: list[str]
     ran: list[str]
     failed: dict[str, str]
+    submitted: dict[str, str] = field(default_factory=dict)
+    pending: list[str] = field(default_factory=list)
 
 
 def _short(key: str, keys: Sequence[str]) -> str:
@@ -126,7 +137,8 @@ def _worker(config: dict[str, Any], runs_dir: str) -> str:
 
 
 def run_sweep(cfg: Mapping[str, Any], out: str | Path, *, workers: int | None = None, quiet: bool = False,
-              callbacks: Sequence[EpochCallback] = ()) -> SweepResult:
+              callbacks: Sequence[EpochCallback] = (), launcher: str | Mapping[str, Any] | None = None
+              ) -> SweepResult:
     """Expand ``cfg`` (:func:`expand_sweep`) and run every unfinished point into ``out/runs``.
 
     Args:
@@ -135,6 +147,8 @@ def run_sweep(cfg: Mapping[str, Any], out: str | Path, *, workers: int | None = 
         workers: parallel processes; default ``sweep.workers`` or 1 (1 runs in this process).
         quiet: no progress bars.
         callbacks: passed to :func:`~curvlab.experiments.runner.run` (in-process runs only, ``workers=1``).
+        launcher: overrides ``sweep.launcher`` (a name or a table, see
+            :func:`~curvlab.experiments.submitit_launcher.resolve_launcher`).
 
     A run that raises is recorded (``runs/<id>/error.txt``, ``SweepResult.failed``) and the sweep goes
     on; it is retried, from its checkpoint, the next time. KeyboardInterrupt stops the sweep.
@@ -148,31 +162,47 @@ def run_sweep(cfg: Mapping[str, Any], out: str | Path, *, workers: int | None = 
     workers = int(workers or sweep.get("workers") or 1)
     if workers < 1:
         raise ConfigError(f"workers must be >= 1, got {workers}")
+    opts = resolve_launcher(launcher if launcher is not None else sweep.get("launcher"))
+    if env_world_size() > 1:
+        raise ConfigError("curvlab sweep does not run under torchrun: run each point with `torchrun ... -m curvlab "
+                          "run`, or give the sweep multi-task jobs (--launcher submitit --tasks-per-node N)")
+    previous = read_json(out / MANIFEST) if (out / MANIFEST).is_file() else {}
     atomic_write_json(out / MANIFEST, {
         "axes": list(flatten(sweep.get("grid", {}) or {})),
         "variants": [v.get("name") for v in sweep.get("variants") or []],
         "runs": [{"run_id": p.run_id, "name": p.config["name"], "variant": p.variant, "axes": p.axes}
                  for p in points],
         "config": dict(cfg),
+        "launcher": opts,
+        "jobs": previous.get("jobs", {}),  # submitit job ids of every submission, by run id
     })
     todo = [p for p in points if not is_finished(runs_dir / p.run_id)]
     if not quiet:
+        where = f"{workers} worker{'s' if workers > 1 else ''}" if opts["name"] == "local" else \
+            f"submitit {opts['executor']} jobs"
         print(f"sweep {out}: {len(points)} runs, {len(points) - len(todo)} already finished, {len(todo)} to run"
-              f" ({workers} worker{'s' if workers > 1 else ''})")
+              f" ({where})")
     ran, failed = [], {}
-    bar = tqdm(total=len(points), initial=len(points) - len(todo), desc="sweep", unit="run", disable=quiet)
+    bar = tqdm(total=len(points), initial=len(points) - len(todo), desc="sweep", unit="run",
+               disable=quiet or opts["name"] != "local")  # submitit: submit_sweep shows its own progress
 
-    def record(point: SweepPoint, error: BaseException | None) -> None:
+    def record(point: SweepPoint, error: BaseException | str | None) -> None:
         if error is None:
             ran.append(point.run_id)
             (runs_dir / point.run_id / "error.txt").unlink(missing_ok=True)
         else:
-            text = "".join(traceback.format_exception(error))
+            text = error if isinstance(error, str) else "".join(traceback.format_exception(error))
             failed[point.run_id] = text
             atomic_write_text(runs_dir / point.run_id / "error.txt", text)
-            bar.write(f"run {point.run_id} ({point.config['name']}) failed: {type(error).__name__}: {error}")
+            brief = error.strip().splitlines()[-1] if isinstance(error, str) else f"{type(error).__name__}: {error}"
+            bar.write(f"run {point.run_id} ({point.config['name']}) failed: {brief}")
         bar.update(1)
 
+    if opts["name"] == "submitit":
+        if not todo:
+            return SweepResult(out, [p.run_id for p in points], ran, failed)
+        jobs = submit_sweep(todo, out, opts, quiet=quiet, record=record)
+        return SweepResult(out, [p.run_id for p in points], ran, failed, jobs["submitted"], jobs["pending"])
     try:
         if workers == 1:
             for point in todo:

@@ -19,6 +19,10 @@ same metric in both would make D vanish identically, section 2.1). Guards (2.6):
 ``eta* = 1`` when ``<g_comb, M^-1 g_comb>`` is not positive. ``fop_gtot="avg"`` (default, ``eta*`` in
 [1/3, 1]) or ``"sum"`` (``g_tot = g1 + g2``, twice that) [U]. Units without curvature (first-order
 fallback) get the averaged gradient. Coupled weight decay is added to both halves.
+
+Data parallel (ALGORITHMS.md 2.2, :mod:`curvlab.distributed`): ``g1`` is the mean gradient of the even ranks'
+examples and ``g2`` of the odd ranks', from each rank's local (pre-all-reduce) rows, in one all-reduce over
+``[is_even g, is_odd g]``; two ranks holding the first / second half equal the single-process split.
 """
 from __future__ import annotations
 
@@ -89,6 +93,8 @@ class FisherOrthogonalProjection(NaturalGradient):
         out = []
         coupled = self.config["weight_decay_style"] == "coupled"
         self.last_diagnostics = {}
+        dist = getattr(self, "dist", None)            # curvlab.distributed: even / odd ranks are the two halves
+        halves = dist.fop_halves(units, stats) if dist is not None else None
         for unit in units:
             grads = unit.grads()
             if grads is None:
@@ -104,7 +110,7 @@ class FisherOrthogonalProjection(NaturalGradient):
                     f"rule 'fop': layer {unit.name!r} has no captured statistics this step; run the forward and "
                     "backward of the step with curvlab capturing (not under torch.no_grad or capture.paused())"
                 )
-            m1, m2 = stats[unit.name].sub_batch_grads()
+            m1, m2 = halves[unit.name] if halves is not None else stats[unit.name].sub_batch_grads()
             g1 = [t.to(p.dtype) for t, p in zip(unit.adapter.from_matrix(unit.module, m1), unit.params)]
             g2 = [t.to(p.dtype) for t, p in zip(unit.adapter.from_matrix(unit.module, m2), unit.params)]
             if wd and coupled:

@@ -16,6 +16,9 @@ Weight decay (the paper's placement is unconfirmed [U]): ``sngm_weight_decay="co
 to the gradient before preconditioning and normalization, as momentum SGD's L2 term, the usual reading
 of N.1) or ``"decoupled"`` (``theta <- theta - lr wd theta`` after the normalized step).
 Per-unit learning-rate multipliers (parameterizations) scale each unit's share of the step.
+Data parallel (ALGORITHMS.md 4.6): the norm is that of the global direction, after the gradient all-reduce
+(DDP averages during backward; :mod:`curvlab.distributed` all-reduces a raw model's gradients at the start of
+``step``), never a per-worker norm.
 """
 from __future__ import annotations
 

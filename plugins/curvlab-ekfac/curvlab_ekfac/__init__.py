@@ -47,6 +47,10 @@ __version__ = "0.1.0"
 class EigenCorrectedCurvature(Curvature):
     """``(Q_G (x) Q_A) diag(s) (Q_G (x) Q_A)^T`` for one Linear / Conv2d layer."""
 
+    #: data parallel (curvlab.distributed): factors are means, per-example gradients are gathered over ranks,
+    #: column weights are the same on every rank
+    reductions = {"A": "mean_sym", "G": "mean_sym", "pe": "cat", "w": "none"}
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.A: torch.Tensor | None = None
