@@ -52,6 +52,7 @@ import torch
 
 from ..curvature import Curvature, Estimator
 from ..hyper import HyperParameterError, Option, boolean, one_of
+from ..kernels import gram
 from ..linalg import NumericsEvent, add_diagonal, spd_inverse, symmetrize
 from ..registry import register_estimator
 from ..stats import LayerStats
@@ -127,8 +128,7 @@ class IsaacCurvature(Curvature):
             branch = self.config["isaac_branch"]
             if branch == "auto":
                 branch = "woodbury" if rows < self.n else "direct"
-            gram = self.X @ self.X.T if branch == "woodbury" else self.X.T @ self.X
-            m = add_diagonal(gram, damping)
+            m = add_diagonal(gram(self.X.T) if branch == "woodbury" else gram(self.X), damping)
         factor = _spd_factor(m, f"{self.name} (isaac {branch})", self.events)
         if factor[0] == "chol" and m.shape[0] <= _INV_MAX:
             # small systems: keep the explicit inverse, so every solve is one GEMM (cholesky_solve with many
@@ -181,11 +181,11 @@ class IsaacCurvature(Curvature):
         return self._join(out, None if rest is None else torch.zeros_like(rest))   # plain bias: C = 0
 
     def dense(self) -> torch.Tensor:
-        gram = self._gram()
+        second = self._gram()
         cols = self.shape[1]
-        a = gram.new_zeros(cols, cols)
-        a[: self.n, : self.n] = gram
-        eye = torch.eye(self.shape[0], dtype=gram.dtype, device=gram.device)
+        a = second.new_zeros(cols, cols)
+        a[: self.n, : self.n] = second
+        eye = torch.eye(self.shape[0], dtype=second.dtype, device=second.device)
         return self._param_dense(torch.kron(eye, a))
 
     # -- checkpoints -----------------------------------------------------------------------------------

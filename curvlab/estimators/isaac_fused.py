@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..curvature import Curvature
+from ..kernels import gram
 from ..linalg import add_diagonal
 from .isaac import _spd_factor, _spd_solve
 
@@ -116,7 +117,7 @@ class FusedIsaacCurvature(Curvature):
             inv = torch.cholesky_inverse(mat) if kind == "chol" else mat
             z = (inv @ xs).mul_(lam * math.sqrt(b))                         # lambda (lambda I + X X^T/b)^-1 X
             return (gs.T @ z).to(dtype)
-        factor = _spd_factor(add_diagonal(xs.T @ xs, lam), f"{self.name} (isaac fused direct)", self.events)
+        factor = _spd_factor(add_diagonal(gram(xs), lam), f"{self.name} (isaac fused direct)", self.events)
         return (_spd_solve(factor, (gs.T @ x.to(self.dtype)).T).T * lam).to(dtype)
 
     def solve(self, mat: torch.Tensor) -> torch.Tensor:
