@@ -75,6 +75,10 @@ class HookCapture:
         self._generators: dict[torch.device, torch.Generator] = {}
         self._pending: dict[str, LayerRecord] = {}
         self._records: dict[str, list[LayerRecord]] = {name: [] for name in layers}
+        # Hooks registered on a tensor that refer back to it form a cycle through autograd (C++) that Python's
+        # garbage collector cannot see: every such reference goes through a holder emptied at the latest by
+        # clear() (each step), so a step's graph is always freed (also for forwards never back-propagated).
+        self._holders: list[list] = []
         self._busy = False
         self._handles = []
         if self.want_inputs:
@@ -125,7 +129,9 @@ class HookCapture:
             if "real_grads" in needs:
                 rec.output.register_hook(self._real_grad_hook(rec))
         if "fisher_grads" in needs:
-            out.register_hook(self._fisher_hook(out, list(pending.items()), keep="real_grads" in needs))
+            holder = [out]
+            self._holders.append(holder)
+            out.register_hook(self._fisher_hook(holder, list(pending.items()), keep="real_grads" in needs))
         elif "real_grads" not in needs:
             for rec in pending.values():           # inputs only: just note that the backward ran
                 rec.output.register_hook(self._mark_hook(rec))
@@ -143,10 +149,11 @@ class HookCapture:
                 rec.real_grad = grad.detach() * rec.batch_size
         return hook
 
-    def _fisher_hook(self, out: torch.Tensor, named: list[tuple[str, LayerRecord]], keep: bool):
+    def _fisher_hook(self, holder: list, named: list[tuple[str, LayerRecord]], keep: bool):
         def hook(grad):
-            if self._busy:
+            if self._busy or not holder:
                 return None
+            out = holder.pop()
             outputs = [rec.output for _, rec in named]
             self._busy = True
             try:
@@ -176,7 +183,7 @@ class HookCapture:
         records = self._records[name]
         self._records[name] = []
         done = [r for r in records if r.real_grad is not None or r.fisher_grads or r.backpropagated]
-        for r in done:
+        for r in records:                      # also the never back-propagated ones: breaks the hook cycle
             r.output = None
         return done
 
@@ -188,9 +195,16 @@ class HookCapture:
         return LayerStats(unit.name, unit.module, unit.adapter, dtype, records, grad)
 
     def clear(self) -> None:
+        for rec in self._pending.values():
+            rec.output = None
         self._pending = {}
-        for name in self._records:
+        for name, records in self._records.items():
+            for rec in records:
+                rec.output = None
             self._records[name] = []
+        for holder in self._holders:
+            holder.clear()
+        self._holders = []
 
     def remove(self) -> None:
         for h in self._handles:
