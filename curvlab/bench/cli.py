@@ -132,10 +132,11 @@ PEER_SUITE: list[tuple[str, list[str], dict[str, Any]]] = [
      {**_PEER_BASE, "stat_interval": 10, "inv_interval": 10}),
     ("K-FAC, statistics every step, inverses every 10", ["asdl-kfac", "curvlinops-kfac", "singd"],
      {**_PEER_BASE, "stat_interval": 1, "inv_interval": 10}),
+    # momentum 0 and epsilon 1e-4: pytorch_optimizer's Shampoo diverges (SVD of non-finite statistics) with 0.9
     ("Shampoo, roots every 10", ["asdl-shampoo", "pytorch_optimizer-shampoo"],
-     {**_PEER_BASE, "stat_interval": 1, "inv_interval": 10}),
+     {**_PEER_BASE, "momentum": 0.0, "damping": 1e-4, "stat_interval": 1, "inv_interval": 10}),
     ("Shampoo, roots every 100", ["asdl-shampoo", "pytorch_optimizer-shampoo"],
-     {**_PEER_BASE, "stat_interval": 1, "inv_interval": 100}),
+     {**_PEER_BASE, "momentum": 0.0, "damping": 1e-4, "stat_interval": 1, "inv_interval": 100}),
 ]
 
 
@@ -152,7 +153,12 @@ def run_peers(model: nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: int) 
         names = [n for n in names if n not in missing]
         if not names:
             continue
-        res = compare(model, x, y, names, repeats=repeats, **settings)
+        try:
+            res = compare(model, x, y, names, repeats=repeats, **settings)
+        except Exception as exc:                   # a peer that breaks must not lose the other suites' rows
+            print(f"\n{title}: failed ({type(exc).__name__}: {exc})")
+            results.append({"suite": title, "error": f"{type(exc).__name__}: {exc}"})
+            continue
         print(f"\n{title}: step time, curvlab equivalent / peer (target <= 0.8 against the fastest peer)")
         for peer in names:
             ref = res["reference"][peer]

@@ -16,6 +16,7 @@ and on CUDA the peak memory allocated during its steps above what was allocated 
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import statistics as st
 import time
@@ -262,9 +263,19 @@ def measure(model: nn.Module, x: torch.Tensor, y: torch.Tensor, variants: list[V
     steps = build_steps(model, x, y, variants, loss=loss, sync=sync, clock=clock,
                         extra={k: (m, o) for k, (m, o, _) in (extra or {}).items()})
     periods = {"sgd": 1, **{v.label: v.period for v in variants}, **{k: p for k, (_, _, p) in (extra or {}).items()}}
-    # warm-up: one period of each (first statistics, first inverses, allocator caches), then the timed rounds
     def restore(name: str) -> None:
         steps[name].restore_parameters()
+
+    logger = logging.getLogger("curvlab")            # skipped steps are counted per row, not logged per step
+    level, logger.level = logger.level, max(logger.level, logging.ERROR)
+    try:
+        return _measure(steps, periods, variants, device, sync, repeats, warmup, clock, restore)
+    finally:
+        logger.setLevel(level)
+
+
+def _measure(steps, periods, variants, device, sync, repeats, warmup, clock, restore) -> list[dict[str, Any]]:
+    # warm-up: one period of each (first statistics, first inverses, allocator caches), then the timed rounds
 
     interleaved(steps, warmup=0, repeats=max(warmup, 1), sync=sync, block=periods, clock=clock, after_block=restore)
     for s in steps.values():
