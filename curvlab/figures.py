@@ -70,3 +70,17 @@ def mnist_or_fallback(data_dir: str | Path | None, *, num_train: int | None = No
     if fallback != "digits":
         raise ValueError(f"unknown fallback {fallback!r}")
     return load_digits(normalize="none" if normalize == "none" else "standardize"), "digits"
+
+
+def mnist_data_config(data_dir: str | Path | None, num_train: int | None = None,
+                      num_test: int | None = None) -> tuple[dict[str, Any], str]:
+    """The experiment config's ``[data]`` table for the same choice as :func:`mnist_or_fallback`: MNIST when
+    present (``num_train`` / ``num_test`` subsets), else scikit-learn's digits, said out loud. Returns
+    ``(table, dataset name)``."""
+    directory = Path(data_dir) if data_dir is not None else DEFAULT_MNIST
+    if data_dir is not None or directory.is_dir():
+        cfg: dict[str, Any] = {"name": "mnist", "dir": str(directory)}
+        cfg.update({k: v for k, v in (("num_train", num_train), ("num_test", num_test)) if v is not None})
+        return cfg, "mnist"
+    print(f"MNIST not found at {directory}: using 'digits' instead (pass --data-dir for real MNIST)")
+    return {"name": "digits"}, "digits"

@@ -41,7 +41,7 @@ from typing import Any
 
 from curvlab.experiments import run_sweep
 from curvlab.experiments.ablation_report import metric_vs_axis, time_to_target, time_to_target_table
-from curvlab.figures import DEFAULT_MNIST, paper_mode_parser, write_numbers
+from curvlab.figures import mnist_data_config, paper_mode_parser, write_numbers
 
 METHODS = {  # name -> optimizer section; K-FAC and FOP share everything but the rule
     "SGD": {"estimator": "identity", "rule": "natural", "momentum": 0.9},
@@ -62,16 +62,6 @@ SETTINGS: dict[str, dict[str, Any]] = {
 }
 
 
-def data_config(data_dir: str | None, num_train: int | None, num_test: int | None) -> tuple[dict[str, Any], str]:
-    """The run config's ``[data]`` table: MNIST when present (as :func:`curvlab.figures.mnist_or_fallback`),
-    else scikit-learn's digits, said out loud."""
-    directory = Path(data_dir) if data_dir is not None else DEFAULT_MNIST
-    if data_dir is not None or directory.is_dir():
-        cfg = {"name": "mnist", "dir": str(directory)}
-        cfg.update({k: v for k, v in (("num_train", num_train), ("num_test", num_test)) if v is not None})
-        return cfg, "mnist"
-    print(f"MNIST not found at {directory}: using 'digits' instead (pass --data-dir for real MNIST)")
-    return {"name": "digits"}, "digits"
 
 
 def inv_interval(num_train: int, batch: int) -> int:
@@ -106,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--target", type=float, help="target test accuracy (default: per mode)")
     args = parser.parse_args(argv)
     s = SETTINGS[args.mode]
-    data, name = data_config(args.data_dir, s["num_train"], s["num_test"])
+    data, name = mnist_data_config(args.data_dir, s["num_train"], s["num_test"])
     num_train = s["num_train"] or 60000
     if name == "digits":
         num_train = 1347

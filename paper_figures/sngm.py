@@ -28,7 +28,7 @@ from typing import Any
 
 from curvlab.experiments import run_sweep
 from curvlab.experiments.ablation_report import load_configurations, metric_vs_axis
-from curvlab.figures import DEFAULT_MNIST, paper_mode_parser, write_numbers
+from curvlab.figures import mnist_data_config, paper_mode_parser, write_numbers
 
 METHODS = {"MSGD": {"estimator": "identity", "rule": "natural", "momentum": 0.9},
            "SNGM": {"estimator": "identity", "rule": "sngm", "momentum": 0.9}}
@@ -44,15 +44,6 @@ SETTINGS: dict[str, dict[str, Any]] = {
 }
 
 
-def data_config(data_dir: str | None, num_train: int | None, num_test: int | None) -> tuple[dict[str, Any], str]:
-    """The run config's ``[data]`` table: MNIST when present, else scikit-learn's digits, said out loud."""
-    directory = Path(data_dir) if data_dir is not None else DEFAULT_MNIST
-    if data_dir is not None or directory.is_dir():
-        cfg = {"name": "mnist", "dir": str(directory)}
-        cfg.update({k: v for k, v in (("num_train", num_train), ("num_test", num_test)) if v is not None})
-        return cfg, "mnist"
-    print(f"MNIST not found at {directory}: using 'digits' instead (pass --data-dir for real MNIST)")
-    return {"name": "digits"}, "digits"
 
 
 def learning_rates(method: str, batch: int, mults: list[float]) -> list[float]:
@@ -78,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = paper_mode_parser(__doc__.splitlines()[0], "paper_figures_output/sngm")
     args = parser.parse_args(argv)
     s = SETTINGS[args.mode]
-    data, name = data_config(args.data_dir, s["num_train"], s["num_test"])
+    data, name = mnist_data_config(args.data_dir, s["num_train"], s["num_test"])
     out = Path(args.out)
     root = out / "sweeps"
     from tqdm.auto import tqdm
