@@ -234,39 +234,11 @@ def heatmap(source: Source, row_axis: AxisSpec, col_axis: AxisSpec, metric: str 
         best.append(max(filled)[1] if filled else None)
         values.append(vrow), std.append(srow), labels.append(lrow)
     result = Heatmap(rname, cname, metric, rows, cols, values, std, labels, best)
-    result.figure = _heatmap_figure(result, spec)
+    from .ablation_figures import heatmap_figure
+    result.figure = heatmap_figure(result, spec)
     result.files = _write(out, stem or f"heatmap_{_slug(rname)}_{_slug(cname)}_{metric}", result.text(spec),
                           result.csv(), result.figure)
     return result
-
-
-def _heatmap_figure(h: Heatmap, spec: str) -> Any:
-    import numpy as np
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Rectangle
-
-    data = np.ma.masked_invalid(np.array([[math.nan if v is None else v for v in r] for r in h.values], dtype=float))
-    fig = Figure(figsize=(2.5 + 1.1 * max(len(h.cols), 2), 1.5 + 0.6 * max(len(h.rows), 2)), layout="constrained")
-    ax = fig.subplots()
-    cmap = "viridis" if higher_is_better(h.metric) else "viridis_r"  # brighter = better either way
-    image = ax.imshow(data, cmap=cmap, aspect="auto")
-    fig.colorbar(image, ax=ax, label=h.metric)
-    finite = data.compressed()
-    mid = float(finite.min() + finite.max()) / 2 if finite.size else 0.0
-    for i, row in enumerate(h.values):
-        for j, v in enumerate(row):
-            if v is None:
-                ax.text(j, i, "-", ha="center", va="center", color="grey")
-                continue
-            bright = (v >= mid) == higher_is_better(h.metric)
-            ax.text(j, i, format(v, spec), ha="center", va="center", fontsize=8,
-                    color="black" if bright else "white", fontweight="bold" if j == h.best_col[i] else "normal")
-        if h.best_col[i] is not None:
-            ax.add_patch(Rectangle((h.best_col[i] - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", lw=2))
-    ax.set_xticks(range(len(h.cols)), [_fmt(c) for c in h.cols], rotation=30, ha="right")
-    ax.set_yticks(range(len(h.rows)), [_fmt(r) for r in h.rows])
-    ax.set(xlabel=h.col_axis, ylabel=h.row_axis, title=f"{h.metric}\n(best per row framed)")
-    return fig
 
 
 # ---------------------------------------------------------------------------------------- metric vs an axis
@@ -326,42 +298,11 @@ def metric_vs_axis(source: Source, x_axis: AxisSpec, series_axis: AxisSpec | Non
                 points.setdefault(s, []).append((x, v, statistics.stdev(vals) if len(vals) > 1 else None,
                                                  chosen.label))
     result = Curves(_name(xk), _name(sk) if sk else None, metric, points)
-    result.figure = _curves_figure(result, title)
+    from .ablation_figures import curves_figure
+    result.figure = curves_figure(result, title)
     result.files = _write(out, stem or f"{metric}_vs_{_slug(result.x_axis)}", result.text(spec), result.csv(),
                           result.figure)
     return result
-
-
-def _numeric(xs: Sequence[Any]) -> bool:
-    return bool(xs) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs)
-
-
-def _x_ticks(ax: Any, xs: Sequence[Any]) -> None:
-    """Numbers spanning a factor >= 8: log2 scale with the values as ticks; labels: one tick each."""
-    if not _numeric(xs):
-        ax.set_xticks(range(len(xs)), [_fmt(x) for x in xs], rotation=30, ha="right")
-    elif all(x > 0 for x in xs) and max(xs) / min(xs) >= 8:
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(xs, [_fmt(x) for x in xs])
-
-
-def _curves_figure(c: Curves, title: str | None = None) -> Any:
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6, 4), layout="constrained")
-    ax = fig.subplots()
-    xs = _order([x for pts in c.points.values() for x, *_ in pts])
-    numeric = _numeric(xs)
-    pos = {repr(x): (x if numeric else i) for i, x in enumerate(xs)}
-    for s, pts in c.points.items():
-        ax.errorbar([pos[repr(x)] for x, *_ in pts], [v for _, v, *_ in pts],
-                    yerr=[sd or 0.0 for _, _, sd, _ in pts], marker="o", capsize=3, label=_fmt(s))
-    _x_ticks(ax, xs)
-    ax.set(xlabel=c.x_axis, ylabel=c.metric, title=title or f"{c.metric} vs {c.x_axis}")
-    ax.grid(alpha=0.3)
-    if len(c.points) > 1:
-        ax.legend(fontsize=8, title=c.series_axis)
-    return fig
 
 
 # ---------------------------------------------------------------------------------------- time to target
@@ -470,33 +411,13 @@ def time_to_target_table(source: Source, target: float, by: AxisSpec | Sequence[
     seconds to target against the row axis, one line per column; unreached points are left out).
     """
     table = time_to_target(source, target, by, rank=rank)
-    table.figure = _target_figure(table)
+    from .ablation_figures import target_figure
+    table.figure = target_figure(table)
     if title:
         table.figure.suptitle(title)
     table.files = _write(out, stem or f"time_to_{target:g}_by_{_slug(table.row_axis)}", table.text(), table.csv(),
                          table.figure)
     return table
-
-
-def _target_figure(t: TargetTable) -> Any:
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(10, 4), layout="constrained")
-    axes = fig.subplots(1, 2)
-    numeric = _numeric(t.rows)
-    xs = t.rows if numeric else list(range(len(t.rows)))
-    for j, col in enumerate(t.cols):
-        for ax, attr in zip(axes, ("epochs", "seconds")):
-            pts = [(x, getattr(row[j], attr)) for x, row in zip(xs, t.entries) if getattr(row[j], attr) is not None]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=_fmt(col))
-    for ax, what in zip(axes, ("epochs", "training seconds")):
-        _x_ticks(ax, t.rows)
-        ax.set(xlabel=t.row_axis, ylabel=f"{what} to {t.target:g}", title=f"{what} to test accuracy {t.target:g}")
-        ax.grid(alpha=0.3)
-        if ax.lines and len(t.cols) > 1:
-            ax.legend(fontsize=8, title=t.col_axis)
-    return fig
 
 
 def write_extras(root: str | Path, out: str | Path, *, heatmap_axes: Sequence[str] | None = None,
