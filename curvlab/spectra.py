@@ -27,12 +27,8 @@ stochastic Lanczos quadrature (Golub & Meurant 2009; Ubaru, Chen & Saad 2017; Gh
 probes, ``m`` Lanczos steps with full reorthogonalization, nodes = Ritz values, weights = squared first
 components of the Ritz vectors, smoothed by a Gaussian.
 
-Comparisons (:func:`compare`) of an approximation ``B`` with the exact ``E`` (same index order): relative
-Frobenius error, the same after the best scalar fit ``min_c ||cB - E|| / ||E||`` (for surrogates of another
-scale, e.g. Shampoo's ``L^1/4 (x) R^1/4``), relative errors of the top-k eigenvalues, and the overlap of the
-top-k eigenspaces: ``||Q_B^T Q_E||_F^2 / k`` = mean squared cosine of the principal angles (Bjorck & Golub
-1973), 1 for equal subspaces, 0 for orthogonal ones. Eigenspaces are ill-defined where the k-th and
-(k+1)-th eigenvalues tie (e.g. ``I (x) A``); the overlap is then basis-dependent.
+Comparisons of an approximation with the exact block (:func:`compare` and the single metrics) live in
+:mod:`curvlab.spectral_metrics` and are re-exported here.
 """
 from __future__ import annotations
 
@@ -52,6 +48,8 @@ from torch.func import grad, vjp, vmap
 from . import exact
 from .capture import paused
 from .exact import _example_loss, _hookless_copy, _Problem
+from .spectral_metrics import (compare, eigvals, principal_angles, relative_frobenius_error, subspace_overlap,
+                               top_eigenvalue_error)
 
 __all__ = ["eigvals", "exact_spectra", "estimator_blocks", "estimator_spectra", "module_params",
            "curvature_operator", "estimator_operator", "as_operator", "top_eigenvalues", "lanczos",
@@ -62,14 +60,6 @@ WHOLE = "<whole>"  #: key of the whole-matrix spectrum in :func:`exact_spectra`
 
 
 # ------------------------------------------------------------------------------------------------ dense
-def eigvals(matrix: Tensor) -> Tensor:
-    """Eigenvalues of a symmetric matrix, DESCENDING, in float64 (the matrix is symmetrized first)."""
-    if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
-        raise ValueError(f"matrix must be square, got shape {tuple(matrix.shape)}")
-    m = matrix.detach().to(torch.float64)
-    return torch.linalg.eigvalsh(0.5 * (m + m.T)).flip(0)
-
-
 def exact_spectra(kind: str, model: nn.Module, inputs: Tensor, targets: Tensor | None,
                   loss: str = "cross_entropy", modules: list[str] | None = None,
                   whole: bool = True) -> dict[str, Tensor]:
@@ -307,78 +297,6 @@ def spectral_density(op: sla.LinearOperator, probes: int = 4, steps: int = 40, s
         nodes.append(theta)
         weights.append(vecs[0] ** 2)
     return SpectralDensity(nodes, weights)
-
-
-# ---------------------------------------------------------------------------------------- comparisons
-def _f64(m: Tensor) -> Tensor:
-    m = m.detach().to(torch.float64)
-    return 0.5 * (m + m.T)
-
-
-def _check_pair(B: Tensor, E: Tensor) -> None:
-    if B.shape != E.shape or B.dim() != 2 or B.shape[0] != B.shape[1]:
-        raise ValueError(f"B and E must be square of the same shape, got {tuple(B.shape)} and {tuple(E.shape)}")
-
-
-def relative_frobenius_error(B: Tensor, E: Tensor, fit_scale: bool = False) -> float:
-    """``||B - E||_F / ||E||_F``; with ``fit_scale`` ``min_c ||c B - E||_F / ||E||_F`` (c = <B,E>/<B,B>)."""
-    _check_pair(B, E)
-    B, E = B.detach().to(torch.float64), E.detach().to(torch.float64)
-    if fit_scale:
-        bb = float((B * B).sum())
-        B = B * (float((B * E).sum()) / bb if bb > 0 else 0.0)
-    return float((B - E).norm() / E.norm())
-
-
-def _eigh_desc(m: Tensor) -> tuple[Tensor, Tensor]:
-    vals, vecs = torch.linalg.eigh(_f64(m))
-    return vals.flip(0), vecs.flip(1)
-
-
-def _eig_error(lb: Tensor, le: Tensor) -> np.ndarray:
-    return ((lb - le).abs() / le.abs().clamp_min(torch.finfo(torch.float64).tiny)).numpy()
-
-
-def _overlap(QB: Tensor, QE: Tensor) -> float:
-    return float(torch.linalg.svdvals(QB.T @ QE).pow(2).sum() / QB.shape[1])
-
-
-def top_eigenvalue_error(B: Tensor, E: Tensor, k: int = 5) -> np.ndarray:
-    """``|lambda_i(B) - lambda_i(E)| / |lambda_i(E)|`` for the ``k`` largest eigenvalues (descending)."""
-    _check_pair(B, E)
-    return _eig_error(eigvals(B)[:k], eigvals(E)[:k])
-
-
-def principal_angles(QB: Tensor, QE: Tensor) -> np.ndarray:
-    """Principal angles (radians, ascending) between the column spans of ``QB`` and ``QE``."""
-    return scipy.linalg.subspace_angles(QB.detach().to(torch.float64).numpy(),
-                                        QE.detach().to(torch.float64).numpy())[::-1]
-
-
-def _check_k(k: int, n: int) -> None:
-    if not 0 < k <= n:
-        raise ValueError(f"k must be in [1, {n}], got {k}")
-
-
-def subspace_overlap(B: Tensor, E: Tensor, k: int = 5) -> float:
-    """Overlap of the top-``k`` eigenspaces: ``||Q_B^T Q_E||_F^2 / k`` = mean ``cos^2`` of the principal
-    angles, in [0, 1] (1: same subspace, 0: orthogonal)."""
-    _check_pair(B, E)
-    _check_k(k, B.shape[0])
-    return _overlap(_eigh_desc(B)[1][:, :k], _eigh_desc(E)[1][:, :k])
-
-
-def compare(B: Tensor, E: Tensor, k: int = 5) -> dict[str, Any]:
-    """All metrics of ``B`` against ``E``: ``rel_frobenius``, ``rel_frobenius_fitted``, ``top_eig_rel_error``
-    (list), ``overlap`` (top-``k`` eigenspaces); ``k`` is capped at the block size. One ``eigh`` per matrix."""
-    _check_pair(B, E)
-    k = min(k, B.shape[0])
-    _check_k(k, B.shape[0])
-    (lb, QB), (le, QE) = _eigh_desc(B), _eigh_desc(E)
-    return {"rel_frobenius": relative_frobenius_error(B, E),
-            "rel_frobenius_fitted": relative_frobenius_error(B, E, fit_scale=True),
-            "top_eig_rel_error": _eig_error(lb[:k], le[:k]).tolist(),
-            "overlap": _overlap(QB[:, :k], QE[:, :k]), "k": k}
 
 
 # ------------------------------------------------------------------------------------------ along training
