@@ -53,9 +53,8 @@ import torch.nn.functional as F
 
 from curvlab import capture
 from curvlab.experiments.runner import evaluate
-from curvlab.experiments.traces import (build_optimizer, format_table, interleaved_step_times, plot_curves,
-                                        summary_rows, sweep_method, train_fn, numbers as make_numbers)
-from curvlab.figures import mnist_or_fallback, paper_mode_parser, save_figure, write_numbers
+from curvlab.experiments.traces import bench_chosen, plot_curves, publish, summary_rows, sweep_method, train_fn
+from curvlab.figures import mnist_or_fallback, paper_mode_parser
 from curvlab.models import mlp
 
 #: ``tune_steps``: budget of each lr-grid run (None: the grid runs are the reported runs); ``bench_steps``:
@@ -121,13 +120,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     seeds = [args.seed + k for k in range(cfg["seeds"])]
     results = {m["label"]: sweep_method(m, cfg["lr_scales"], seeds, make_model, train, loss="cross_entropy",
                                         score="test_accuracy", lower=False, tune=tune) for m in METHODS}
-    setups = {}
-    for method in METHODS:                    # the chosen lr of every method, timed round-robin
-        model = make_model(seeds[0])
-        setups[method["label"]] = (model, build_optimizer(model, method, results[method["label"]]["lr"],
-                                                          "cross_entropy", seeds[0]))
-    bench = interleaved_step_times(setups, x_train, y_train, loss_fn=F.cross_entropy, batch_size=cfg["batch"],
-                                   steps=cfg["bench_steps"])
+    bench = bench_chosen(METHODS, results, make_model, x_train, y_train, loss="cross_entropy",
+                         loss_fn=F.cross_entropy, batch_size=cfg["batch"], steps=cfg["bench_steps"], seed=seeds[0])
     sgd = [t.rows[-1]["test_accuracy"] for t in results["SGD"]["traces"] if not t.diverged]
     threshold = sum(sgd) / len(sgd) if sgd else None      # the accuracy SGD reaches at the end of the budget
     rows = summary_rows(results, "SGD", "test_accuracy", False, threshold, bench)
@@ -144,17 +138,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                 ("time_s", "train_loss", "train loss", True)],
                       f"MNIST {cfg['depth'] + 1}-layer ReLU MLP, width {cfg['width']}, batch {cfg['batch']} "
                       f"({args.mode} mode): ISAAC vs SGD vs K-FAC", ncols=2)
-    save_figure(fig, args.out, "isaac_mnist_mlp")
-    out = make_numbers(results, rows, setup)
-    out["bench_step_s"] = bench
-    write_numbers(args.out, "isaac_mnist_mlp", out)
-    print(f"threshold = SGD's final test accuracy = {threshold} (steps / seconds to reach it below); "
-          f"bench_*: mean step time over {cfg['bench_steps']} round-robin steps")
-    print("lr grids (final test accuracy):")
-    for label, res in results.items():
-        print(f"  {label:6s} " + ", ".join(f"{g['lr']:.3g}: {g['final']:.4g}" for g in res["grid"]))
-    print(format_table(rows, COLUMNS))
-    return out
+    return publish(args.out, "isaac_mnist_mlp", fig, results, rows, setup, bench, COLUMNS,
+                   threshold_note=f"threshold = SGD's final test accuracy = {threshold}",
+                   score_name="final test accuracy", bench_steps=cfg["bench_steps"])
 
 
 if __name__ == "__main__":

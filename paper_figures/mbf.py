@@ -62,9 +62,8 @@ import torch.nn.functional as F
 
 from curvlab import capture
 from curvlab.experiments.runner import evaluate
-from curvlab.experiments.traces import (build_optimizer, format_table, interleaved_step_times, plot_curves,
-                                        summary_rows, sweep_method, train_fn, numbers as make_numbers)
-from curvlab.figures import mnist_or_fallback, paper_mode_parser, save_figure, write_numbers
+from curvlab.experiments.traces import bench_chosen, plot_curves, publish, summary_rows, sweep_method, train_fn
+from curvlab.figures import mnist_or_fallback, paper_mode_parser
 from curvlab.models import autoencoder
 
 #: ``tune_steps``: budget of each lr-grid run (None: the grid runs are the reported runs); ``bench_steps``:
@@ -150,13 +149,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for method in methods:
         results[method["label"]] = sweep_method(method, cfg["lr_scales"], seeds, make_model, train, loss="mse",
                                                 score="train_loss", lower=True, tune=tune)
-    setups = {}
-    for method in methods:                    # the chosen lr of every method, timed round-robin
-        model = make_model(seeds[0])
-        setups[method["label"]] = (model, build_optimizer(model, method, results[method["label"]]["lr"], "mse",
-                                                          seeds[0]))
-    bench = interleaved_step_times(setups, x_train, x_train, loss_fn=F.mse_loss, batch_size=cfg["batch"],
-                                   steps=cfg["bench_steps"])
+    bench = bench_chosen(methods, results, make_model, x_train, x_train, loss="mse", loss_fn=F.mse_loss,
+                         batch_size=cfg["batch"], steps=cfg["bench_steps"], seed=seeds[0])
     adam = [t.rows[-1]["train_loss"] for t in results["Adam"]["traces"] if not t.diverged]
     threshold = sum(adam) / len(adam) if adam else None     # the loss Adam reaches at the end of the budget
     rows = summary_rows(results, "Adam", "train_loss", True, threshold, bench)
@@ -171,17 +165,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                 ("epoch", "train_loss", "train loss (MSE)", True)],
                       f"MNIST autoencoder ({args.mode} mode, width {cfg['width']}, {cfg['activation']}): "
                       f"MBF vs K-FAC vs Shampoo vs Adam")
-    save_figure(fig, args.out, "mbf_autoencoder")
-    out = make_numbers(results, rows, setup)
-    out["bench_step_s"] = bench
-    write_numbers(args.out, "mbf_autoencoder", out)
-    print(f"threshold = Adam's final train loss = {threshold} (steps / seconds to reach it below); "
-          f"bench_*: mean step time over {cfg['bench_steps']} round-robin steps")
-    print("lr grids (final train loss):")
-    for label, res in results.items():
-        print(f"  {label:8s} " + ", ".join(f"{g['lr']:.3g}: {g['final']:.4g}" for g in res["grid"]))
-    print(format_table(rows, COLUMNS))
-    return out
+    return publish(args.out, "mbf_autoencoder", fig, results, rows, setup, bench, COLUMNS,
+                   threshold_note=f"threshold = Adam's final train loss = {threshold}",
+                   score_name="final train loss", bench_steps=cfg["bench_steps"])
 
 
 if __name__ == "__main__":

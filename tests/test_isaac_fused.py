@@ -38,7 +38,7 @@ def test_fused_equals_unfused(float64, batch, rule):
         assert_close(p, q, rtol=1e-11, atol=1e-13, what=f"{rule} batch {batch} {name}")
 
 
-def test_fused_follows_damping_changes_and_mup(float64):
+def test_fused_equals_unfused_under_mup_damping_multipliers(float64):
     ref, ropt = _train(False, "natural", 6, scaling="mup")
     got, gopt = _train(True, "natural", 6, scaling="mup")
     for p, q in zip(got.parameters(), ref.parameters()):

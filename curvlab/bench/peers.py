@@ -208,6 +208,34 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(old)
 
 
+def _plain_step(model: nn.Module, opt: Any, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor
+                ) -> Callable[[], None]:
+    """zero_grad, forward, loss, backward, ``opt.step()``: the loop of a library that is a torch optimizer."""
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def _asdl_step(maker: Any, model: nn.Module, opt: torch.optim.Optimizer, loss_fn: Callable, x: torch.Tensor,
+               y: torch.Tensor, dtype: torch.dtype | None = None) -> Callable[[], None]:
+    """One training step through an ASDL gradient maker (statistics / inverses on its own schedule) and SGD;
+    ``dtype``: run ASDL's part with that default dtype."""
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        dummy = maker.setup_model_call(model, x)
+        maker.setup_loss_call(loss_fn, dummy, y)
+        with _default_dtype(dtype) if dtype is not None else contextlib.nullcontext():
+            maker.forward_and_backward()
+        opt.step()
+
+    return step
+
+
 def _asdl_kfac(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lr: float, damping: float, momentum: float,
                stat_interval: int, inv_interval: int, loss: str, fisher: str, ema_decay: float) -> Callable[[], None]:
     from asdl import KfacGradientMaker, PreconditioningConfig
@@ -223,14 +251,7 @@ def _asdl_kfac(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lr: float,
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     loss_fn = _LOSSES[loss]
 
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        dummy = maker.setup_model_call(model, x)
-        maker.setup_loss_call(loss_fn, dummy, y)
-        maker.forward_and_backward()
-        opt.step()
-
-    return step
+    return _asdl_step(maker, model, opt, loss_fn, x, y)
 
 
 def _asdl_shampoo(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lr: float, damping: float,
@@ -248,15 +269,8 @@ def _asdl_shampoo(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lr: flo
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     loss_fn = _LOSSES[loss]
 
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        dummy = maker.setup_model_call(model, x)
-        maker.setup_loss_call(loss_fn, dummy, y)
-        with _default_dtype(dtype):   # ASDL builds identities / power-iteration vectors in the default dtype
-            maker.forward_and_backward()
-        opt.step()
-
-    return step
+    # ASDL builds identities / power-iteration vectors in the default dtype
+    return _asdl_step(maker, model, opt, loss_fn, x, y, dtype)
 
 
 def _curvlinops_kfac(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lr: float, damping: float,
@@ -313,12 +327,7 @@ def _pytorch_optimizer_shampoo(model: nn.Module, x: torch.Tensor, y: torch.Tenso
                   matrix_eps=damping)
     loss_fn = _LOSSES[loss]
 
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        loss_fn(model(x), y).backward()
-        opt.step()
-
-    return step
+    return _plain_step(model, opt, loss_fn, x, y)
 
 
 def _singd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lr: float, damping: float, momentum: float,
@@ -329,12 +338,7 @@ def _singd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lr: float, dam
                 kfac_like=True, alpha1=0.0, warn_unsupported=False)   # IKFAC ignores alpha1; lr_cov: default
     loss_fn = _LOSSES[loss]
 
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        loss_fn(model(x), y).backward()
-        opt.step()
-
-    return step
+    return _plain_step(model, opt, loss_fn, x, y)
 
 
 _BUILDERS = {"asdl-kfac": _asdl_kfac, "asdl-shampoo": _asdl_shampoo, "curvlinops-kfac": _curvlinops_kfac,
@@ -372,13 +376,7 @@ def make_curvlab_step(peer: str, model: nn.Module, x: torch.Tensor, y: torch.Ten
     estimator, rule, hyper = curvlab_equivalent(peer, **settings)
     own = copy.deepcopy(model)
     opt = curvlab.optimizer(own, estimator, rule, **hyper)
-    loss_fn = _LOSSES[hyper["loss"]]
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        loss_fn(own(x), y).backward()
-        opt.step()
-
+    step = _plain_step(own, opt, _LOSSES[hyper["loss"]], x, y)
     step.model = own  # type: ignore[attr-defined]
     step.optimizer = opt  # type: ignore[attr-defined]
     return step

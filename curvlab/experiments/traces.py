@@ -348,6 +348,39 @@ def numbers(results: dict[str, dict[str, Any]], rows: list[dict[str, Any]], setu
                                 "traces": [t.as_dict() for t in res["traces"]]} for label, res in results.items()}}
 
 
+def bench_chosen(methods: Sequence[dict[str, Any]], results: dict[str, dict[str, Any]],
+                 make_model: Callable[[int], torch.nn.Module], x: torch.Tensor, y: torch.Tensor, *, loss: str,
+                 loss_fn: Callable, batch_size: int, steps: int, seed: int) -> dict[str, float]:
+    """Every method at its chosen lr (``results[label]["lr"]``), timed round-robin on the same batches
+    (:func:`interleaved_step_times`): the robust cost ratio on a shared machine."""
+    setups = {}
+    for method in methods:
+        model = make_model(seed)
+        setups[method["label"]] = (model, build_optimizer(model, method, results[method["label"]]["lr"], loss, seed))
+    return interleaved_step_times(setups, x, y, loss_fn=loss_fn, batch_size=batch_size, steps=steps)
+
+
+def publish(out: Any, stem: str, fig: Any, results: dict[str, dict[str, Any]], rows: list[dict[str, Any]],
+            setup: dict[str, Any], bench: dict[str, float], columns: Sequence[str], *, threshold_note: str,
+            score_name: str, bench_steps: int) -> dict[str, Any]:
+    """Write ``fig`` (PNG + PDF) and the numbers (JSON, :func:`numbers` plus the round-robin step times) as
+    ``out/stem.*``, then print the threshold, every method's lr grid and the table; returns the numbers."""
+    from ..figures import save_figure, write_numbers
+
+    save_figure(fig, out, stem)
+    data = numbers(results, rows, setup)
+    data["bench_step_s"] = bench
+    write_numbers(out, stem, data)
+    print(f"{threshold_note} (steps / seconds to reach it below); bench_*: mean step time over {bench_steps} "
+          "round-robin steps")
+    print(f"lr grids ({score_name}):")
+    width = max(len(label) for label in results)
+    for label, res in results.items():
+        print(f"  {label:{width}s} " + ", ".join(f"{g['lr']:.3g}: {g['final']:.4g}" for g in res["grid"]))
+    print(format_table(rows, columns))
+    return data
+
+
 def train_fn(x: torch.Tensor, y: torch.Tensor, loss_fn: Callable, batch_size: int, steps: int, eval_every: int,
              evaluate: Callable, progress: bool) -> Callable[..., Trace]:
     """``train(model, opt, seed)`` for :func:`sweep_method` with the mode's budget."""
