@@ -13,7 +13,8 @@ from .adapters import LayerAdapter, UnsupportedLayer
 from .curvature import Curvature, Estimator
 from .hyper import HyperParameterError
 from .linalg import FactorizationError
-from .optim import CurvlabOptimizer, optimizer
+from .losses import LossMismatch
+from .optim import CaptureWarning, CurvlabOptimizer, optimizer
 from .registry import (ADAPTERS, DATASETS, ESTIMATORS, MODELS, RULES, SCALINGS, describe, load_plugins,
                        register_adapter, register_dataset, register_estimator, register_model, register_rule,
                        register_scaling)
@@ -24,7 +25,7 @@ from .units import Unit
 __version__ = "0.1.0"
 
 __all__ = [
-    "optimizer", "CurvlabOptimizer", "Estimator", "Curvature", "UpdateRule", "Plan", "Parameterization",
+    "optimizer", "CurvlabOptimizer", "CaptureWarning", "LossMismatch", "Estimator", "Curvature", "UpdateRule", "Plan", "Parameterization",
     "LayerAdapter", "Unit", "UnsupportedLayer", "FactorizationError", "HyperParameterError",
     "register_estimator", "register_rule", "register_scaling", "register_adapter", "load_plugins", "describe",
     "register_dataset", "register_model", "ESTIMATORS", "RULES", "SCALINGS", "ADAPTERS", "DATASETS", "MODELS",

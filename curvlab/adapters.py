@@ -15,6 +15,12 @@ Row layout returned to estimators:
 Parameter order: ``Wbar`` is flattened row-major; :meth:`LayerAdapter.param_order` gives the permutation
 from that order to ``torch.cat([p.reshape(-1) for p in module.parameters(recurse=False)])`` (weight first,
 then bias), the order of :meth:`curvlab.CurvlabOptimizer.blocks`.
+
+Partly frozen layers (:meth:`LayerAdapter.select`, called by the optimizer with the trainable parameters): the
+view holds only what trains. A frozen bias drops the homogeneous column (``Wbar = W``, ``abar = a``); a frozen
+weight leaves the bias as a weight on a constant input 1 (``Wbar = b`` of shape ``(d_out, 1)``, one input
+column of ones), so every estimator handles it as a one-column layer. Either way the curvature block is the
+sub-block of the full layer's for the trainable parameters (for K-FAC: the rows and columns of ``A`` kept).
 """
 from __future__ import annotations
 
@@ -34,33 +40,52 @@ class LayerAdapter:
 
     module_types: tuple[type[nn.Module], ...] = ()
 
+    def __init__(self) -> None:
+        #: which of the module's parameters the view holds (:meth:`select`); both by default
+        self.weight_trained = True
+        self.bias_trained = True
+
     # -- claiming --------------------------------------------------------------------------------------
     def unsupported_reason(self, module: nn.Module) -> str | None:
         """``None`` if this adapter can precondition ``module``, otherwise why not."""
         return None
 
-    @staticmethod
-    def has_bias(module: nn.Module) -> bool:
-        return getattr(module, "bias", None) is not None
+    def select(self, module: nn.Module, params: list[nn.Parameter]) -> str:
+        """Restrict the view to ``params`` (the trainable ones); returns a note for ``coverage()`` ("" if all)."""
+        ids = {id(p) for p in params}
+        bias = getattr(module, "bias", None)
+        self.weight_trained = id(module.weight) in ids
+        self.bias_trained = bias is not None and id(bias) in ids
+        if not self.weight_trained:
+            return "weight frozen: the bias as a one-column layer"
+        return "bias frozen" if bias is not None and not self.bias_trained else ""
+
+    def has_bias(self, module: nn.Module) -> bool:
+        """Does the view carry a homogeneous bias column? (Not when the bias or the weight is frozen.)"""
+        return self.weight_trained and self.bias_trained and getattr(module, "bias", None) is not None
 
     def params(self, module: nn.Module) -> list[nn.Parameter]:
         return list(module.parameters(recurse=False))
 
     # -- matrix view -----------------------------------------------------------------------------------
     def shape(self, module: nn.Module) -> tuple[int, int]:
-        """``(d_out, d_in + has_bias)`` of the matrix view."""
+        """``(d_out, d_in + has_bias)`` of the matrix view (``(d_out, 1)`` when only the bias trains)."""
         w = module.weight
+        if not self.weight_trained:
+            return w.shape[0], 1
         return w.shape[0], w[0].numel() + int(self.has_bias(module))
 
     def to_matrix(self, module: nn.Module, tensors: list[torch.Tensor]) -> torch.Tensor:
-        """Stack per-parameter tensors (weight-shaped, bias-shaped) into the ``(d_out, d_in[+1])`` view."""
+        """Stack the trainable parameters' tensors (weight-shaped, bias-shaped) into the ``(d_out, cols)`` view."""
         w = tensors[0].reshape(tensors[0].shape[0], -1)
         if self.has_bias(module):
             return torch.cat([w, tensors[1].reshape(-1, 1)], dim=1)
         return w
 
     def from_matrix(self, module: nn.Module, mat: torch.Tensor) -> list[torch.Tensor]:
-        """Inverse of :meth:`to_matrix`: tensors shaped like ``module.parameters(recurse=False)``."""
+        """Inverse of :meth:`to_matrix`: tensors shaped like the trainable ``module.parameters(recurse=False)``."""
+        if not self.weight_trained:
+            return [mat.reshape(module.bias.shape)]
         w = module.weight
         if self.has_bias(module):
             return [mat[:, :-1].reshape(w.shape), mat[:, -1].reshape(module.bias.shape)]
@@ -82,6 +107,8 @@ class LayerAdapter:
         raise NotImplementedError
 
     def _homogeneous(self, module: nn.Module, rows: torch.Tensor) -> torch.Tensor:
+        if not self.weight_trained:                               # only the bias trains: its input is 1
+            return rows.new_ones(rows.shape[:-1] + (1,))
         if not self.has_bias(module):
             return rows
         return torch.cat([rows, rows.new_ones(rows.shape[:-1] + (1,))], dim=-1)

@@ -78,7 +78,7 @@ from .backpack_extensions import (HBP_MODULES, KFAC, KFLR, BatchGrad, Conv2dFact
                                   StoredGradientLoss as _StoredGradientLoss,
                                   StoredGradientSqrt as _StoredGradientSqrt, _backpack_ctx, _EXTRA_HBP, extend)
 from .adapters import UnsupportedLayer
-from .capture import is_paused
+from .capture import accumulates_into, is_paused
 from .losses import check_output
 from .stats import LayerStats
 
@@ -91,13 +91,19 @@ _SAVEFIELDS = ("kflr", "kfac", "grad_batch")
 class _Forward:
     """One back-propagated forward of the user's model: its inputs and ``dL/df``."""
 
-    def __init__(self, args: tuple, kwargs: dict, batch_size: int) -> None:
-        self.args, self.kwargs, self.batch_size = args, kwargs, batch_size
+    def __init__(self, args: tuple, kwargs: dict, batch_size: int, params: list[Tensor]) -> None:
+        self.args, self.kwargs, self.batch_size, self.params = args, kwargs, batch_size, params
         self.versions = [t._version for t in _tensors(args, kwargs)]
         self.out_grad: Tensor | None = None
+        self.output: Tensor | None = None          # the model output (detached), for the loss check
+
+    @property
+    def output_grad(self) -> Tensor | None:
+        return self.out_grad
 
     def set_grad(self, grad: Tensor) -> None:
-        self.out_grad = grad.detach()
+        if accumulates_into(self.params):          # a training backward only (the capture contract)
+            self.out_grad = grad.detach() if self.out_grad is None else self.out_grad + grad.detach()
 
 
 class _LayerRecord:
@@ -106,6 +112,9 @@ class _LayerRecord:
     def __init__(self, replay: "_Replay", index: int, name: str) -> None:
         self.replay, self.index, self.name = replay, index, name
         self.batch_size = replay.forwards[index].batch_size
+        self.uses = [self]                                        # one use per forward (BackPACK: no sharing)
+        #: ``real_grad`` is ``N_pass dL/ds``; the step's per-example scale is ``N_step`` (curvlab.capture)
+        self.real_scale = sum(fw.batch_size for fw in replay.forwards) / self.batch_size
 
     def result(self, kind: str) -> dict[str, Any]:
         return self.replay.run(kind)[self.index][self.name]
@@ -142,8 +151,9 @@ class BackpackLayerStats(LayerStats):
             if self.adapter.has_bias(self.module):
                 col = rows.sum(dim=1).mean(dim=0)                                  # [s; T]
                 a = torch.cat([torch.cat([a, col[:-1, None]], 1), col[None, :]], 0)
+            scale = rec.real_scale ** 2 if kind == "real" else 1.0     # N_pass -> N_step (curvlab.capture)
             a_sum = a_sum + a * rec.batch_size
-            g_sum = g_sum + res["G"].to(self.dtype) * (rec.batch_size / rows.shape[1])
+            g_sum = g_sum + res["G"].to(self.dtype) * (rec.batch_size * scale / rows.shape[1])
         return a_sum / self.batch_size, g_sum / self.batch_size
 
     def per_example_grads(self) -> Tensor:
@@ -156,7 +166,7 @@ class BackpackLayerStats(LayerStats):
             mat = res["gw"].reshape(n, d_out, -1)
             if bias:
                 mat = torch.cat([mat, res["gb"].reshape(n, d_out, 1)], dim=2)
-            mats.append(mat.to(self.dtype) * n)                  # BatchGrad of a mean loss: (1/N) grad l_n
+            mats.append(mat.to(self.dtype) * (n * rec.real_scale))   # BatchGrad of a mean loss: (1/N) grad l_n
         return torch.cat(mats)
 
 
@@ -188,6 +198,7 @@ class BackpackCapture:
         self.model, self.layers = model, layers
         self.loss, self.fisher, self.mc_samples, self.seed = loss, fisher, mc_samples, seed
         self.is_stat_step = is_stat_step
+        self.check_loss = False                   # set by the optimizer: keep f for the loss check
         self.every_step = frozenset(every_step)   # replays are lazy: recording every forward is all it takes
         backward = want_fisher_grads or want_real_grads or bool(self.every_step & {"fisher_grads", "real_grads"})
         _check_model(model, layers, backward)
@@ -214,7 +225,9 @@ class BackpackCapture:
             raise TypeError(f"curvlab needs the model to return one tensor (the input of the loss); "
                             f"got {type(out).__name__}")
         if out.requires_grad and not torch._C._functorch.is_functorch_wrapped_tensor(out):
-            fw = _Forward(_detach(args), _detach(kwargs), out.shape[0])
+            params = [p for m in self.layers.values() for p in m.parameters(recurse=False) if p.requires_grad]
+            fw = _Forward(_detach(args), _detach(kwargs), out.shape[0], params)
+            fw.output = out.detach()
             out.register_hook(fw.set_grad)
             self._pending.append(fw)
 
@@ -339,6 +352,14 @@ class BackpackCapture:
         """The :class:`BackpackLayerStats` of ``unit`` for this step, or ``None`` if nothing was captured."""
         records = self.pop(unit.name)
         return BackpackLayerStats(unit.name, unit.module, unit.adapter, dtype, records, grad) if records else None
+
+    def training_passes(self) -> list[_Forward]:
+        """The forwards of this step that a training backward reached (the capture contract)."""
+        return [fw for fw in self._pending if fw.out_grad is not None]
+
+    def discard(self) -> None:
+        """Forget the training passes recorded so far (``optimizer.zero_grad()``)."""
+        self._pending = [fw for fw in self._pending if fw.out_grad is None]
 
     def clear(self) -> None:
         self._pending, self._replay = [], None

@@ -9,13 +9,19 @@ One step (``opt.step()`` after the user's ``loss.backward()``), at step counter 
    are recomputed with the current per-group ``damping`` (times the parameterization's multiplier);
 4. the rule returns a plan of updates, which is checked for NaN/Inf before anything is written.
 
-Skipped steps do not advance ``t``. Parameters that no layer adapter claims get the first-order
-fallback (their direction is their gradient, with the same lr, momentum and weight decay);
-``strict=True`` raises instead. ``coverage()`` says which parameter got what.
+Skipped steps do not advance ``t``, and neither does a ``step()`` without any gradient. Parameters that no
+layer adapter claims get the first-order fallback (their direction is their gradient, with the same lr,
+momentum and weight decay); ``strict=True`` raises instead. ``coverage()`` says which parameter got what.
+Statistics follow the capture contract of :mod:`curvlab.capture` (training passes only). A preconditioned
+layer that gets gradients but whose forward curvlab never saw in a training pass (used through its weight,
+called outside the model's forward) takes a first-order step while it has no curvature, with one
+:class:`CaptureWarning` (``strict=True`` raises). Per-group hyper-parameters are validated at every step, so
+values set later through ``param_groups`` or a scheduler get the construction-time messages.
 """
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -30,12 +36,17 @@ from .distributed import DataParallel
 from .hyper import COMMON, merge_options, resolve
 from .kernels import all_finite as _finite
 from .linalg import NumericsEvent
+from .losses import check_output_gradients
 from .profiling import Sections, section
 from .registry import ESTIMATORS, RULES, SCALINGS
 from .stats import LayerStats
 from .units import Unit
 
 log = logging.getLogger("curvlab")
+
+
+class CaptureWarning(UserWarning):
+    """A preconditioned layer got gradients without a captured forward; it falls back to first order."""
 
 
 class CurvlabOptimizer(torch.optim.Optimizer):
@@ -59,6 +70,9 @@ class CurvlabOptimizer(torch.optim.Optimizer):
         self.rule = rule_cls(self.config)
         self.rule.check(self.estimator)
         self.events: list[NumericsEvent] = []
+        self.strict = strict
+        self._group_options = {k: opt for k, opt in options.items() if opt.per_group}
+        self._warned_uncaptured: set[str] = set()
         self.skipped_steps = 0
         self._t = 0
         #: per-section step timing (:mod:`curvlab.profiling`); ``None`` = off
@@ -88,6 +102,8 @@ class CurvlabOptimizer(torch.optim.Optimizer):
             want_fisher_grads="fisher_grads" in needs, want_real_grads="real_grads" in needs,
             is_stat_step=self._is_stat_step, seed=self.dist.seed(seed), every_step=self.rule.every_step,
         ) if needs & {"inputs", "fisher_grads", "real_grads"} else None
+        if self.capture is not None and needs & {"fisher_grads", "real_grads"}:
+            self.capture.check_loss = True            # the loss check of the first statistics step
 
     # -- construction ----------------------------------------------------------------------------------
     def _build_units(self, model: nn.Module, strict: bool) -> list[Unit]:
@@ -114,9 +130,11 @@ class CurvlabOptimizer(torch.optim.Optimizer):
             if adapter is not None and selected is not None and label not in selected:
                 adapter, reason = None, "not selected by the `layers` option"
             if adapter is not None:
-                units.append(Unit(label, [p for _, p in own], self.estimator.describe(adapter), module=module,
-                                  adapter=adapter, curvature=self.estimator.create(label, module, adapter,
-                                                                                   self.events)))
+                params = [p for _, p in own]
+                note = adapter.select(module, params)
+                how = self.estimator.describe(adapter) + (f" [{note}]" if note else "")
+                units.append(Unit(label, params, how, module=module, adapter=adapter,
+                                  curvature=self.estimator.create(label, module, adapter, self.events)))
                 continue
             if strict and selected is None:
                 raise UnsupportedLayer(
@@ -167,8 +185,59 @@ class CurvlabOptimizer(torch.optim.Optimizer):
         if self.capture:
             self.capture.clear()
 
+    def _check_groups(self) -> None:
+        """Validate the per-group hyper-parameters now (they may have been edited since construction)."""
+        for i, group in enumerate(self.param_groups):
+            for key, opt in self._group_options.items():
+                if key in group:
+                    try:
+                        opt.check(key, group[key])
+                    except ValueError as exc:
+                        raise type(exc)(f"param_groups[{i}]: {exc}") from None
+
+    def _first_order_where_uncaptured(self, grads: dict, stats: dict[str, LayerStats], stat_step: bool) -> None:
+        """Units with gradients but no captured forward: first order while they have no curvature (one warning)."""
+        expected = self.capture is not None and (stat_step or bool(self.rule.every_step))
+        for unit in self.units:
+            unit.first_order_now = False
+            if not unit.preconditioned or unit.curvature.passthrough or unit.name not in grads:
+                continue
+            missing = expected and unit.name not in stats
+            first_order = not unit.curvature.ready or (missing and bool(self.rule.every_step))
+            if (missing or first_order) and unit.name not in self._warned_uncaptured:
+                why = (f"layer {unit.name!r} ({type(unit.module).__name__}) got gradients, but curvlab saw no forward "
+                       "of it in a training pass (a forward of the model whose backward reached .grad). It is "
+                       "probably used through its parameters instead of being called (nn.MultiheadAttention's "
+                       "out_proj: convert the model with curvlab.nn.convert), or called outside the model's forward, "
+                       "or its forward ran under torch.no_grad()/curvlab.capture.paused()")
+                if self.strict:
+                    raise RuntimeError(why + " (strict=True)")
+                self._warned_uncaptured.add(unit.name)
+                warnings.warn(why + "; it takes first-order steps while it has no curvature", CaptureWarning,
+                              stacklevel=4)
+            unit.first_order_now = first_order
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """``torch.optim.Optimizer.zero_grad``; also forgets what the discarded training passes recorded."""
+        super().zero_grad(set_to_none=set_to_none)
+        if getattr(self, "capture", None) is not None:
+            self.capture.discard()
+
+    def _check_loss(self) -> None:
+        """The loss check of :func:`curvlab.losses.check_output_gradients` on this step's training passes."""
+        passes = [run for run in self.capture.training_passes() if run.output_grad is not None]
+        if not passes:
+            return
+        n_step = sum(run.batch_size for run in self.capture.training_passes())
+        uses_loss = "fisher_grads" in self._needs            # the configured loss shapes the Fisher vectors
+        for run in passes:
+            check_output_gradients(self.config["loss"], run.output, run.output_grad * n_step, loss_used=uses_loss)
+        self.capture.check_loss = False
+
     def _collect_stats(self) -> dict[str, LayerStats]:
         """This step's :class:`LayerStats` of every preconditioned layer that has any (and clears capture)."""
+        if self.capture is not None and self.capture.check_loss:
+            self._check_loss()
         out = {}
         for unit in self.units:
             if not unit.preconditioned:
@@ -202,7 +271,10 @@ class CurvlabOptimizer(torch.optim.Optimizer):
         Called by :meth:`step` on statistics steps; call it directly to inspect :meth:`blocks` without
         stepping. Returns False (and changes nothing) if any layer's statistics are not finite.
         """
-        return self._accumulate(self._collect_stats())
+        ok = self._accumulate(self._collect_stats())
+        if self.capture:
+            self.capture.clear()                   # these training passes are consumed
+        return ok
 
     def refresh(self, force: bool = True) -> None:
         """Recompute inverses / roots (all layers, or only those not ready when ``force=False``)."""
@@ -218,8 +290,13 @@ class CurvlabOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_model_unchanged()
+        self._check_groups()
         self.dist.reduce_gradients(self.units)              # raw model + process group only
         grads = {u.name: g for u in self.units if (g := u.grads()) is not None}
+        if not grads:                                       # nothing to step on: not a step
+            if self.capture:
+                self.capture.clear()
+            return loss
         if not _finite([t for g in grads.values() for t in g]):          # one host sync for all gradients
             bad = [name for name, g in grads.items() if not _finite(g)]
             self._skip(f"non-finite gradients in {bad}")
@@ -231,13 +308,7 @@ class CurvlabOptimizer(torch.optim.Optimizer):
                 return loss
         with section(self.sections, "refresh"):
             self.refresh(force=self._t % self.config["inv_interval"] == 0)
-        for unit in self.units:
-            if unit.preconditioned and not unit.curvature.ready and unit.grads() is not None:
-                raise RuntimeError(
-                    f"layer {unit.name!r} has gradients but no curvature statistics: its forward pass ran while "
-                    "curvlab was not capturing (under torch.no_grad(), curvlab.capture.paused(), or on a statistics-"
-                    "free step before the first statistics step). Run forward and backward in the plain loop."
-                )
+        self._first_order_where_uncaptured(grads, stats, stat_step)
         with section(self.sections, "precondition"):
             plan = self.rule.plan(self.units, self.state, stats)
             if not _finite(plan.tensors()):

@@ -6,7 +6,7 @@ lazily (and once) from whatever the capture backend recorded:
 ==================================  ==============================================================================
 ``input_rows()``                     homogeneous inputs / im2col patches, ``(N, T, d_in [+1])``
 ``output_rows(kind)``                per-example output gradients ``[(rows (N, T, d_out), weight), ...]``;
-                                     ``kind="real"``: gradients of the real loss (``N * grad_output``, pitfall P0);
+                                     ``kind="real"``: gradients of the real loss (``N_step * grad_output``, P0);
                                      ``kind="fisher"``: the back-propagated vectors of the ``fisher`` type
 ``kron_factors(kind)``               ``A = (1/N) sum abar abar^T``, ``G = (1/(N T)) sum w g g^T`` (K-FAC eq. K.3/C.4)
 ``per_example_grads()``              ``(N, d_out, d_in [+1])``: gradient of each example's loss ``l_n`` in the matrix
@@ -40,13 +40,19 @@ class LayerStats:
         """Number of examples behind these statistics (pooled over back-propagated forwards)."""
         return sum(r.batch_size for r in self.records)
 
+    def _use_rows(self, convert, tensors) -> torch.Tensor:
+        """Rows of one record: each use converted, concatenated along the shared dimension (dim 1)."""
+        rows = [convert(self.module, t.to(self.dtype)) for t in tensors]
+        return torch.cat(rows, dim=1) if len(rows) > 1 else rows[0]
+
     @cached_property
     def _inputs(self) -> torch.Tensor:
-        rows = [self.adapter.input_rows(self.module, r.inputs.to(self.dtype)) for r in self.records]
+        rows = [self._use_rows(self.adapter.input_rows, [u.inputs for u in r.uses]) for r in self.records]
         return torch.cat(rows) if len(rows) > 1 else rows[0]
 
     def input_rows(self) -> torch.Tensor:
-        """``(N, T, d_in [+1])`` homogeneous inputs, in the statistics dtype."""
+        """``(N, T, d_in [+1])`` homogeneous inputs, in the statistics dtype; the uses of a layer applied
+        several times in one forward are concatenated along ``T`` (ALGORITHMS.md section 11)."""
         return self._inputs
 
     def output_rows(self, kind: str) -> list[tuple[torch.Tensor, float]]:
@@ -55,11 +61,15 @@ class LayerStats:
             raise ValueError(f"kind must be 'real' or 'fisher', got {kind!r}")
         cols: dict[int, list] = {}
         for r in self.records:
-            pairs = [(r.real_grad, 1.0)] if kind == "real" else r.fisher_grads
-            if kind == "real" and r.real_grad is None:
-                raise RuntimeError(f"layer {self.name!r}: real output gradients were not captured")
-            for j, (g, w) in enumerate(pairs):
-                cols.setdefault(j, []).append((self.adapter.output_rows(self.module, g.to(self.dtype)), w))
+            if kind == "real":
+                if any(u.real_grad is None for u in r.uses):
+                    raise RuntimeError(f"layer {self.name!r}: real output gradients were not captured")
+                columns = [[(u.real_grad * r.real_scale, 1.0) for u in r.uses]]
+            else:
+                columns = [[u.fisher_grads[j] for u in r.uses] for j in range(len(r.uses[0].fisher_grads))]
+            for j, pairs in enumerate(columns):
+                rows = self._use_rows(self.adapter.output_rows, [g for g, _ in pairs])
+                cols.setdefault(j, []).append((rows, pairs[0][1]))
         return [(torch.cat([g for g, _ in parts]), parts[0][1]) for _, parts in sorted(cols.items())]
 
     def kron_factors(self, kind: str) -> tuple[torch.Tensor, torch.Tensor]:

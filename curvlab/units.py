@@ -40,10 +40,18 @@ class Unit:
     damping_mult: float = 1.0
     damping_sides: tuple[float, float] = (1.0, 1.0)
     norm_weight: float = 1.0
+    #: this step only: the layer has no usable curvature (its forward was not captured), so ``solve`` and
+    #: ``mv`` are the identity, as for a first-order fallback unit (set by the optimizer each step)
+    first_order_now: bool = False
 
     @property
     def preconditioned(self) -> bool:
         return self.curvature is not None
+
+    @property
+    def active(self) -> bool:
+        """Preconditioned by its curvature on this step."""
+        return self.curvature is not None and not self.first_order_now
 
     def hyper(self, key: str) -> Any:
         """A per-group hyper-parameter with this unit's parameterization multiplier applied."""
@@ -73,7 +81,7 @@ class Unit:
         return [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
 
     def _apply(self, op: str, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        if self.curvature is None:
+        if not self.active:
             return list(tensors)
         curv, adapter = self.curvature, self.adapter
         mat = adapter.to_matrix(self.module, tensors).to(curv.dtype)

@@ -162,15 +162,16 @@ def test_fisher_output_rows_agree(loss):
 
 
 def test_gradient_accumulation_is_pooled_like_hooks():
-    """Two back-propagated forwards of different sizes before one step: the same pooled factors."""
+    """Two back-propagated forwards of different sizes before one step: the same pooled factors. The objective
+    is the mean over all 10 examples (the capture contract): each micro-batch's mean loss weighted by N_m / 10."""
     x, y = batch((2, 6, 6), n=10)
     out = {}
     for capture in ("hooks", "backpack"):
         for fisher in ("type2", "empirical"):
             model = cnn()
             opt = curvlab.optimizer(model, "kfac", "natural", fisher=fisher, ema_decay=0.0, capture=capture)
-            F.cross_entropy(model(x[:3]), y[:3]).backward()
-            F.cross_entropy(model(x[3:]), y[3:]).backward()
+            (F.cross_entropy(model(x[:3]), y[:3]) * 0.3).backward()
+            (F.cross_entropy(model(x[3:]), y[3:]) * 0.7).backward()
             assert opt.update_curvature()
             out[capture, fisher] = factors(opt)
     for fisher in ("type2", "empirical"):

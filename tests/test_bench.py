@@ -66,12 +66,12 @@ def test_all_finite_agrees_with_isfinite(dtype):
 def test_kron_factors_use_gram_and_equal_the_plain_formula(float64):
     """K-FAC factors of a wide layer (the panel path of gram) equal the plain (1/N) X^T X, (1/NT) g^T g."""
     from curvlab.adapters import find_adapter
-    from curvlab.capture import LayerRecord
+    from curvlab.capture import LayerRecord, Use
 
     layer = nn.Linear(300, 270)
     adapter, _ = find_adapter(layer)
     x, g = torch.randn(16, 300), torch.randn(16, 270)
-    rec = LayerRecord(x, None, 0, batch_size=16, real_grad=g)
+    rec = LayerRecord([Use(x, None, 0, real_grad=g)], real_scale=1.0)
     a, gg = LayerStats("l", layer, adapter, torch.float64, [rec]).kron_factors("real")
     xb = torch.cat([x, torch.ones(16, 1)], 1)
     assert_close(a, xb.T @ xb / 16, rtol=1e-13, atol=1e-14, what="A")

@@ -17,7 +17,9 @@ What changes for the user (documented, opt-in):
 
 * after ``loss.backward()`` the weights' ``.grad`` of fused layers holds the ISAAC direction, not the
   gradient (biases keep their plain gradient, ``isaac_bias="plain"`` as the official code); gradients
-  flowing to earlier layers and to the input are the ordinary ones;
+  flowing to earlier layers and to the input are the ordinary ones. Only training backwards (into ``.grad``,
+  the capture contract of :mod:`curvlab.capture`) get the direction: ``torch.autograd.grad`` returns the
+  plain weight gradient;
 * each backward uses the current batch (the official method): ``stat_interval`` / ``inv_interval`` have no
   effect, and gradient accumulation over several backward passes sums per-pass directions;
 * it covers ``nn.Linear`` layers; only the rules that just precondition the gradient (``natural``, ``sngm``)
@@ -36,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..capture import accumulates_into
 from ..curvature import Curvature
 from ..kernels import gram
 from ..linalg import add_diagonal
@@ -60,7 +63,11 @@ class _FusedLinear(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad_x = grad_out @ weight if need_x else None
         g = grad_out.reshape(-1, grad_out.shape[-1])
-        grad_w = ctx.curv.direction(g, x.reshape(-1, x.shape[-1]), x.shape[0]) if need_w else None
+        grad_w = None
+        if need_w:       # the capture contract: only a training backward (into .grad) gets the ISAAC direction
+            xs = x.reshape(-1, x.shape[-1])
+            grad_w = (ctx.curv.direction(g, xs, x.shape[0]) if accumulates_into([weight])
+                      else (g.T @ xs).to(weight.dtype))
         grad_b = g.sum(0) if ctx.has_bias and need_b else None
         return grad_x, grad_w, grad_b, None
 

@@ -100,16 +100,11 @@ class FisherOrthogonalProjection(NaturalGradient):
             if grads is None:
                 continue
             wd = unit.hyper("weight_decay")
-            if not unit.preconditioned:
+            if not unit.active:                        # fallback unit, or no captured forward this step
                 if wd and coupled:
                     grads = [g.add(p, alpha=wd) for g, p in zip(grads, unit.params)]
                 out.append((unit, grads, grads))
                 continue
-            if unit.name not in stats:
-                raise RuntimeError(
-                    f"rule 'fop': layer {unit.name!r} has no captured statistics this step; run the forward and "
-                    "backward of the step with curvlab capturing (not under torch.no_grad or capture.paused())"
-                )
             m1, m2 = halves[unit.name] if halves is not None else stats[unit.name].sub_batch_grads()
             g1 = [t.to(p.dtype) for t, p in zip(unit.adapter.from_matrix(unit.module, m1), unit.params)]
             g2 = [t.to(p.dtype) for t, p in zip(unit.adapter.from_matrix(unit.module, m2), unit.params)]
