@@ -22,6 +22,10 @@ from .rules import Plan, UpdateRule
 from .scalings import Parameterization
 from .units import Unit
 
+# ``curvlab.nn`` (attention conversion). Deliberately NOT in ``__all__``: ``from curvlab import *`` must not
+# shadow a user's ``from torch import nn``. Inside curvlab, modules bind ``nn`` to torch.nn themselves.
+from . import nn
+
 __version__ = "0.1.0"
 
 __all__ = [
