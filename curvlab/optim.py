@@ -49,6 +49,17 @@ class CaptureWarning(UserWarning):
     """A preconditioned layer got gradients without a captured forward; it falls back to first order."""
 
 
+def _user_stacklevel() -> int:
+    """``stacklevel`` of the first caller outside curvlab and torch (``step()`` is wrapped by torch's hooks)."""
+    import os
+    import sys
+    skip = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(torch.__file__)))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(skip):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 class CurvlabOptimizer(torch.optim.Optimizer):
     """A composed second-order optimizer. Build it with :func:`curvlab.optimizer`."""
 
@@ -200,10 +211,11 @@ class CurvlabOptimizer(torch.optim.Optimizer):
         expected = self.capture is not None and (stat_step or bool(self.rule.every_step))
         for unit in self.units:
             unit.first_order_now = False
-            if not unit.preconditioned or unit.curvature.passthrough or unit.name not in grads:
+            if not unit.preconditioned or unit.name not in grads:
                 continue
             missing = expected and unit.name not in stats
-            first_order = not unit.curvature.ready or (missing and bool(self.rule.every_step))
+            first_order = ((missing and bool(self.rule.every_step))            # FOP needs this step's rows
+                           or (not unit.curvature.passthrough and not unit.curvature.ready))
             if (missing or first_order) and unit.name not in self._warned_uncaptured:
                 why = (f"layer {unit.name!r} ({type(unit.module).__name__}) got gradients, but curvlab saw no forward "
                        "of it in a training pass (a forward of the model whose backward reached .grad). It is "
@@ -214,7 +226,7 @@ class CurvlabOptimizer(torch.optim.Optimizer):
                     raise RuntimeError(why + " (strict=True)")
                 self._warned_uncaptured.add(unit.name)
                 warnings.warn(why + "; it takes first-order steps while it has no curvature", CaptureWarning,
-                              stacklevel=4)
+                              stacklevel=_user_stacklevel())
             unit.first_order_now = first_order
 
     def zero_grad(self, set_to_none: bool = True) -> None:
