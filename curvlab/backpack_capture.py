@@ -115,6 +115,8 @@ class _LayerRecord:
         self.uses = [self]                                        # one use per forward (BackPACK: no sharing)
         #: ``real_grad`` is ``N_pass dL/ds``; the step's per-example scale is ``N_step`` (curvlab.capture)
         self.real_scale = sum(fw.batch_size for fw in replay.forwards) / self.batch_size
+        self.term_scale = self.real_scale                          # (N, C) outputs only: one term per example
+        self.terms = self.batch_size
 
     def result(self, kind: str) -> dict[str, Any]:
         return self.replay.run(kind)[self.index][self.name]
@@ -138,14 +140,16 @@ class BackpackLayerStats(LayerStats):
     """:class:`LayerStats` whose Kronecker factors and per-example gradients come from BackPACK; the other
     views (input rows, output rows, sub-batch gradients) are the parent's, on the replay's records."""
 
-    def kron_factors(self, kind: str) -> tuple[Tensor, Tensor]:
+    def kron_factors(self, kind: str, approx: str = "expand") -> tuple[Tensor, Tensor]:
         if kind not in ("real", "fisher"):
             raise ValueError(f"kind must be 'real' or 'fisher', got {kind!r}")
+        if approx != "expand":
+            return super().kron_factors(kind, approx)
         a_sum = g_sum = 0.0
         for rec in self.records:
             res = rec.result(kind)
             if "G" not in res:                                   # frozen weight: BackPACK gave no factors
-                return super().kron_factors(kind)
+                return super().kron_factors(kind, approx)
             rows = self.adapter.input_rows(self.module, res["input"].to(self.dtype))
             a = res["A"].to(self.dtype)
             if self.adapter.has_bias(self.module):

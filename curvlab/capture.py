@@ -58,7 +58,7 @@ import torch
 from torch import nn
 from torch.autograd.graph import get_gradient_edge
 
-from .losses import output_vectors
+from .losses import loss_terms, output_vectors
 from .stats import LayerStats
 
 _state = threading.local()
@@ -112,6 +112,7 @@ class Pass:
     """One forward of the model: its batch size and, for the loss check, its output and ``dL/df``."""
 
     batch_size: int = 0
+    terms: int = 0                             # loss terms of the pass: batch_size * loss terms per example
     trained: bool = False                      # a training backward reached one of its layers
     output: torch.Tensor | None = None         # model output f (detached), loss check only
     output_grad: torch.Tensor | None = None    # dL/df of the training loss, loss check only
@@ -121,18 +122,26 @@ class Pass:
 class LayerRecord:
     """What one forward/backward of one layer left behind: its uses, in call order.
 
-    ``real_scale`` turns ``real_grad`` (``dL/ds``) into per-example gradients: ``N_step``, the examples of every
-    training pass of the step (pitfall P0; module docstring)."""
+    ``real_grad`` (``dL/ds``) times ``real_scale`` is the gradient of each of the LAYER's examples' loss
+    (``N_step`` for ``(N, C)`` outputs: pitfall P0; module docstring), times ``term_scale`` the gradient of one
+    loss term (``N_terms`` of the step; :mod:`curvlab.losses`)."""
 
     uses: list[Use]
     params: list[nn.Parameter] = field(default_factory=list)
     run: Pass = field(default_factory=Pass)
     trained: bool = False
     real_scale: float = 1.0
+    term_scale: float = 1.0
 
     @property
     def batch_size(self) -> int:
-        return self.run.batch_size
+        """Examples of the layer in this pass (the leading dimension of its input)."""
+        return self.uses[0].inputs.shape[0]
+
+    @property
+    def terms(self) -> int:
+        """Loss terms of the pass this record belongs to."""
+        return self.run.terms or self.batch_size
 
 
 class HookCapture:
@@ -140,9 +149,11 @@ class HookCapture:
 
     def __init__(self, model: nn.Module, layers: dict[str, nn.Module], *, loss: str, fisher: str,
                  mc_samples: int, want_inputs: bool, want_fisher_grads: bool, want_real_grads: bool,
-                 is_stat_step, seed: int = 0, every_step: frozenset[str] = frozenset()) -> None:
+                 is_stat_step, seed: int = 0, every_step: frozenset[str] = frozenset(),
+                 loss_terms_per_example: int | None = None) -> None:
         self.model, self.layers = model, layers
         self.loss, self.fisher, self.mc_samples = loss, fisher, mc_samples
+        self.loss_terms_per_example = loss_terms_per_example
         self.want_inputs = want_inputs or want_fisher_grads or want_real_grads or bool(every_step)
         self.stat_needs = ({"inputs"} | ({"fisher_grads"} if want_fisher_grads else set())
                            | ({"real_grads"} if want_real_grads else set()) | set(every_step))
@@ -216,7 +227,8 @@ class HookCapture:
             raise TypeError(
                 f"curvlab needs the model to return one tensor (the input of the loss); got {type(out).__name__}"
             )
-        run = Pass(batch_size=out.shape[0])
+        run = Pass(batch_size=out.shape[0],
+                   terms=out.shape[0] * loss_terms(out, self.loss_terms_per_example)[0] if out.dim() else 1)
         self._passes.append(run)
         records: list[tuple[str, LayerRecord]] = []
         for name, uses in pending.items():
@@ -291,7 +303,7 @@ class HookCapture:
             self._busy = True
             try:
                 for vec, weight in output_vectors(self.loss, self.fisher, out, self.mc_samples,
-                                                  self._generator(out.device)):
+                                                  self._generator(out.device), self.loss_terms_per_example):
                     grads = torch.autograd.grad(out, [u.output for u in uses], grad_outputs=vec,
                                                 retain_graph=True, allow_unused=True)
                     for u, g in zip(uses, grads):
@@ -325,9 +337,11 @@ class HookCapture:
         records = self._records[name]
         self._records[name] = []
         done = [r for r in records if r.trained]
-        scale = float(self.step_examples)
+        n_terms = float(sum(run.terms for run in self._passes if run.trained))
+        for r in done:
+            r.term_scale = n_terms
+            r.real_scale = n_terms * r.batch_size / r.terms
         for r in records:                      # also the untrained ones: breaks the hook cycle
-            r.real_scale = scale
             for u in r.uses:
                 u.output = None
         return done

@@ -133,6 +133,9 @@ COMMON: dict[str, Option] = {
     "loss": Option("cross_entropy", one_of(*LOSSES), "the loss the user trains on (mean reduction)"),
     "kl_clip": Option(None, optional_positive, "KL clip kappa (None = off)"),
     "mc_samples": Option(1, positive_int, "labels sampled per example for fisher='mc'"),
+    "loss_terms_per_example": Option(None, lambda name, v: None if v is None else positive_int(name, v),
+                                     "loss terms per example of an (N, *rows, C) output (None = the rows, one term per "
+                                     "position); the loss is their mean (curvlab.losses)"),
     "capture": Option("hooks", one_of("hooks", "backpack"),
                       "statistics backend: forward/backward hooks (default) or BackPACK extensions"),
     "layers": Option(None, lambda name, v: _names(name, v),

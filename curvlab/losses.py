@@ -1,19 +1,26 @@
-"""Output-side vectors for the Fisher types (ALGORITHMS.md section 0, eq. 0.1-0.4; K-FAC eq. K.3).
+"""Output-side vectors for the Fisher types (ALGORITHMS.md section 0, eq. 0.1-0.4; K-FAC eq. K.3; section 11).
 
-The user's loss is a torch loss with mean reduction, ``L = (1/N) sum_n l_n``:
+The model output ``f`` has shape ``(N, C)`` or ``(N, *rows, C)``: the LAST dimension holds the classes (logits)
+or the regression features, and every row (the middle dimensions, ``R_out`` of them, a position of a sequence)
+carries one loss term of the user's MEAN loss (torch's reductions):
 
-* ``cross_entropy``: ``l_n = -log softmax(f_n)[y_n]``, logits ``f_n`` of shape ``(C,)``;
-* ``mse``: ``l_n = (1/D) ||f_n - y_n||^2`` (``torch.nn.MSELoss()`` averages over the D output entries too).
+* ``cross_entropy``: ``l_row = -log softmax(f_row)[y_row]`` (``F.cross_entropy(f.reshape(-1, C), y.reshape(-1))``);
+* ``mse``: ``l_row = (1/C) ||f_row - y_row||^2`` (``F.mse_loss(f, y)`` averages over every entry).
 
-For ``fisher="mc"`` and ``fisher="type2"`` the curvature's output factor is built by back-propagating
-per-example vectors ``v_n`` (one backward pass each) such that ``E[v_n v_n^T] = H_n``, the Hessian of
-``l_n`` with respect to ``f_n``:
+``loss_terms_per_example`` (``L``; default ``R_out``) groups each example's rows into ``L`` terms of
+``m = R_out / L`` consecutive rows, ``l_term = (1/m) sum_rows l_row``: the user's loss is the mean over the
+``N L`` terms whatever ``L`` (it changes only K-FAC's normalization and how type-2 columns are merged). The
+vectors ``v`` are at the scale of ONE loss term (no 1/N, no 1/L) with ``E[v v^T] = H_term`` on each term:
 
-* type2 (exact factorization ``H_n = sum_c v_{n,c} v_{n,c}^T``, Martens & Grosse 2015 sec. 5 "KFLR"):
-  CE: ``v_{n,c} = sqrt(p_c) (e_c - p)`` for every class c; MSE: ``v_{n,d} = sqrt(2/D) e_d``.
-* mc (true Fisher by sampling, K-FAC's default): CE: ``v_n = p - e_yhat`` with ``yhat ~ Cat(p)``;
-  MSE: the Gaussian ``N(f_n, (D/2) I)`` whose NLL is ``l_n`` + const, ``v_n = (2/D)(f_n - yhat)``.
+* type2 (exact factorization of each term's Hessian, Martens & Grosse 2015 sec. 5 "KFLR"), columns merged across
+  the terms of all examples (one backward each, as curvlinops' ``KFACLinearOperator``): for row ``j`` of a term
+  and class ``c``, ``v[row] = sqrt(1/m) S_row[:, c]`` on the rows ``row = j mod m``, 0 elsewhere, with
+  CE ``S[:, c] = sqrt(p_c) (e_c - p)``; MSE ``S = sqrt(2/C) I``. Exact for position-wise models; with positions
+  mixed, merged columns add cross-term products (the K-FAC-expand approximation);
+* mc (true Fisher by sampling, K-FAC's default): CE ``v_row = sqrt(1/m) (p - e_yhat)`` with ``yhat ~ Cat(p)``
+  drawn per row; MSE: the Gaussian ``N(f, (C/2) I)`` whose NLL is ``l_row`` + const, ``v = sqrt(2/(m C)) eps``.
 
+For ``(N, C)`` outputs (``R_out = L = m = 1``) these are the per-example vectors of the plain formulas.
 Each entry returned is ``(V, weight)``: ``V`` shaped like the model output, ``weight`` the factor of its
 outer product in the estimate.
 """
@@ -28,50 +35,71 @@ def check_output(loss: str, out: torch.Tensor) -> None:
     """Raise a clear error when the model output cannot be the input of ``loss``."""
     if out.dim() < 1 or out.shape[0] == 0:
         raise ValueError(f"the model output has shape {tuple(out.shape)}: expected a non-empty batch")
-    if loss == "cross_entropy" and out.dim() != 2:
+    if loss == "cross_entropy" and out.dim() < 2:
         raise ValueError(
-            f"loss='cross_entropy' expects model outputs of shape (N, C) (logits), got {tuple(out.shape)}; "
-            "flatten extra dimensions in the model or use loss='mse'"
+            f"loss='cross_entropy' expects model outputs of shape (N, C) or (N, ..., C) (logits, classes last), "
+            f"got {tuple(out.shape)}"
         )
 
 
+def loss_terms(out: torch.Tensor, per_example: int | None = None) -> tuple[int, int]:
+    """``(L, m)``: loss terms per example and rows per term of an output ``(N, *rows, C)`` (module docstring)."""
+    rows = out[0].numel() // out.shape[-1] if out.dim() >= 2 else 1
+    terms = rows if per_example is None else per_example
+    if terms < 1 or rows % terms:
+        raise ValueError(f"loss_terms_per_example={per_example} must divide the {rows} rows of each example's "
+                         f"output {tuple(out.shape[1:])} (the dimensions between the batch and the last)")
+    return terms, rows // terms
+
+
 def output_vectors(loss: str, fisher: str, out: torch.Tensor, mc_samples: int = 1,
-                   generator: torch.Generator | None = None) -> list[tuple[torch.Tensor, float]]:
-    """Per-example vectors whose back-propagation gives the output-side curvature statistics.
+                   generator: torch.Generator | None = None,
+                   terms_per_example: int | None = None) -> list[tuple[torch.Tensor, float]]:
+    """Per-loss-term vectors whose back-propagation gives the output-side curvature statistics.
 
     ``out`` is the (detached) model output. See the module docstring for the formulas.
     """
     check_output(loss, out)
+    shape = out.shape
     out = out.detach()
-    n = out.shape[0]
-    if loss == "cross_entropy":
-        p = torch.softmax(out, dim=1)
-        if fisher == "type2":
-            eye = torch.eye(p.shape[1], dtype=p.dtype, device=p.device)
-            return [(p[:, c:c + 1].sqrt() * (eye[c] - p), 1.0) for c in range(p.shape[1])]
-        if fisher == "mc":
+    if out.dim() == 1:
+        out = out.unsqueeze(1)
+    _, m = loss_terms(out, terms_per_example)
+    classes = out.shape[-1]
+    f = out.reshape(out.shape[0], -1, classes)                      # (N, R_out, C)
+    row_in_term = torch.arange(f.shape[1], device=f.device) % m
+    if fisher == "type2":
+        if loss == "cross_entropy":
+            p = torch.softmax(f, dim=-1)
+            eye = torch.eye(classes, dtype=p.dtype, device=p.device)
+            cols = [p[..., c:c + 1].sqrt() * (eye[c] - p) for c in range(classes)]
+        elif loss == "mse":
+            eye = torch.eye(classes, dtype=f.dtype, device=f.device) * math.sqrt(2.0 / classes)
+            cols = [eye[c].expand_as(f) for c in range(classes)]
+        else:
+            raise ValueError(f"no output vectors for loss={loss!r}")
+        vecs = []
+        for j in range(m):
+            mask = (row_in_term == j).to(f.dtype).reshape(1, -1, 1) / math.sqrt(m)
+            vecs += [((col * mask) if m > 1 else col).reshape(shape) for col in cols]
+        return [(v, 1.0) for v in vecs]
+    if fisher == "mc":
+        scale = 1.0 / math.sqrt(m)
+        if loss == "cross_entropy":
             # A non-finite output row must not crash the sampler inside backward(): sample that row
             # uniformly; its vector stays non-finite, so the optimizer's statistics check skips the step.
+            p = torch.softmax(f, dim=-1).reshape(-1, classes)
             finite = torch.isfinite(p).all(dim=1, keepdim=True)
             sample_from = torch.where(finite, p, torch.ones_like(p)).float()
             vecs = []
             for _ in range(mc_samples):
                 yhat = torch.multinomial(sample_from, 1, generator=generator).squeeze(1)
-                vecs.append((p - torch.nn.functional.one_hot(yhat, p.shape[1]).to(p.dtype), 1.0 / mc_samples))
+                v = p - torch.nn.functional.one_hot(yhat, classes).to(p.dtype)
+                vecs.append(((v * scale if m > 1 else v).reshape(shape), 1.0 / mc_samples))
             return vecs
-    elif loss == "mse":
-        d = out[0].numel()
-        if fisher == "type2":
-            scale = math.sqrt(2.0 / d)
-            vecs = []
-            for j in range(d):
-                v = torch.zeros_like(out).reshape(n, d)
-                v[:, j] = scale
-                vecs.append((v.reshape(out.shape), 1.0))
-            return vecs
-        if fisher == "mc":
-            scale = math.sqrt(2.0 / d)
-            return [(scale * torch.randn(out.shape, dtype=out.dtype, device=out.device, generator=generator),
+        if loss == "mse":
+            std = math.sqrt(2.0 / classes) * scale
+            return [(std * torch.randn(shape, dtype=out.dtype, device=out.device, generator=generator),
                      1.0 / mc_samples) for _ in range(mc_samples)]
     raise ValueError(f"no output vectors for loss={loss!r}, fisher={fisher!r}")
 

@@ -112,6 +112,7 @@ class CurvlabOptimizer(torch.optim.Optimizer):
             mc_samples=self.config["mc_samples"], want_inputs="inputs" in needs,
             want_fisher_grads="fisher_grads" in needs, want_real_grads="real_grads" in needs,
             is_stat_step=self._is_stat_step, seed=self.dist.seed(seed), every_step=self.rule.every_step,
+            **({"loss_terms_per_example": self.config["loss_terms_per_example"]} if backend is HookCapture else {}),
         ) if needs & {"inputs", "fisher_grads", "real_grads"} else None
         if self.capture is not None and needs & {"fisher_grads", "real_grads"}:
             self.capture.check_loss = True            # the loss check of the first statistics step

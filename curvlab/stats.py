@@ -8,7 +8,7 @@ lazily (and once) from whatever the capture backend recorded:
 ``output_rows(kind)``                per-example output gradients ``[(rows (N, T, d_out), weight), ...]``;
                                      ``kind="real"``: gradients of the real loss (``N_step * grad_output``, P0);
                                      ``kind="fisher"``: the back-propagated vectors of the ``fisher`` type
-``kron_factors(kind)``               ``A = (1/N) sum abar abar^T``, ``G = (1/(N T)) sum w g g^T`` (K-FAC eq. K.3/C.4)
+``kron_factors(kind, approx)``       K-FAC's ``(A, G)``, ``approx="expand"|"reduce"`` (eq. K.3/C.4, ALGORITHMS 11)
 ``per_example_grads()``              ``(N, d_out, d_in [+1])``: gradient of each example's loss ``l_n`` in the matrix
                                      view (``sum_t g_{n,t} abar_{n,t}^T``, real labels)
 ``grad``                             the mean-loss gradient in the matrix view (``p.grad``), or ``None``
@@ -19,6 +19,7 @@ factors and per-example gradients itself); estimators cannot tell the difference
 """
 from __future__ import annotations
 
+import math
 from functools import cached_property
 
 import torch
@@ -55,8 +56,12 @@ class LayerStats:
         several times in one forward are concatenated along ``T`` (ALGORITHMS.md section 11)."""
         return self._inputs
 
-    def output_rows(self, kind: str) -> list[tuple[torch.Tensor, float]]:
-        """Per-example output-gradient rows ``(N, T, d_out)`` with their weights; see the module doc."""
+    def output_rows(self, kind: str, per: str = "example") -> list[tuple[torch.Tensor, float]]:
+        """Output-gradient rows ``(N, T, d_out)`` with their weights; see the module doc.
+
+        ``per="example"``: the gradients of each of the layer's examples' loss (``kind="real"``) or the example's
+        Fisher vectors (``"fisher"``); ``per="term"``: at the scale of one loss term (:mod:`curvlab.losses`), what
+        K-FAC's ``G`` averages. The two differ only when an example has several loss terms (sequences)."""
         if kind not in ("real", "fisher"):
             raise ValueError(f"kind must be 'real' or 'fisher', got {kind!r}")
         cols: dict[int, list] = {}
@@ -64,22 +69,45 @@ class LayerStats:
             if kind == "real":
                 if any(u.real_grad is None for u in r.uses):
                     raise RuntimeError(f"layer {self.name!r}: real output gradients were not captured")
-                columns = [[(u.real_grad * r.real_scale, 1.0) for u in r.uses]]
+                scale = r.term_scale if per == "term" else r.real_scale
+                columns = [[(u.real_grad * scale, 1.0) for u in r.uses]]
             else:
-                columns = [[u.fisher_grads[j] for u in r.uses] for j in range(len(r.uses[0].fisher_grads))]
+                scale = 1.0 if per == "term" else math.sqrt(r.batch_size / r.terms)
+                columns = [[(g * scale if scale != 1.0 else g, w) for g, w in (u.fisher_grads[j] for u in r.uses)]
+                           for j in range(len(r.uses[0].fisher_grads))]
             for j, pairs in enumerate(columns):
                 rows = self._use_rows(self.adapter.output_rows, [g for g, _ in pairs])
                 cols.setdefault(j, []).append((rows, pairs[0][1]))
         return [(torch.cat([g for g, _ in parts]), parts[0][1]) for _, parts in sorted(cols.items())]
 
-    def kron_factors(self, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """K-FAC factors ``(A, G)`` from ``kind`` output gradients (eq. K.3; KFC eq. C.4)."""
+    def kron_factors(self, kind: str, approx: str = "expand") -> tuple[torch.Tensor, torch.Tensor]:
+        """K-FAC factors ``(A, G)`` from ``kind`` output gradients (eq. K.3; KFC eq. C.4; ALGORITHMS.md 11).
+
+        With inputs ``abar_{n,r}`` (``N`` examples of the layer, ``R`` rows each: positions, patches, uses),
+        ``g`` the per-loss-term output rows and ``N_terms`` the loss terms behind them::
+
+            expand:  A = 1/N_terms sum_{n,r} abar abar^T        G = 1/(N R) sum_v w sum_{n,r} g g^T
+            reduce:  A = 1/N sum_n abar_n abar_n^T               G = 1/N_terms sum_v w sum_n gbar gbar^T
+                     abar_n = (1/R) sum_r abar_{n,r},  gbar_n = sum_r g_{n,r}
+
+        Expand with one loss term per example is KFC's split (A sums over locations, G averages); with a term
+        per position it is the mean over (n, r) of both (Eschenhagen et al., NeurIPS 2023). Exact for deep
+        linear networks: expand with a loss per position, reduce with one loss per sequence."""
+        if approx not in ("expand", "reduce"):
+            raise ValueError(f"approx must be 'expand' or 'reduce', got {approx!r}")
         rows = self.input_rows()
         n, t, d_in = rows.shape
-        a = gram(rows.reshape(-1, d_in), 1.0 / n)
+        n_terms = sum(r.terms for r in self.records)
+        if approx == "expand":
+            a = gram(rows.reshape(-1, d_in), 1.0 / n_terms)
+        else:
+            a = gram(rows.mean(dim=1), 1.0 / n)
         g = None
-        for out, weight in self.output_rows(kind):
-            term = gram(out.reshape(-1, out.shape[-1]), weight / (n * t))
+        for out, weight in self.output_rows(kind, per="term"):
+            if approx == "expand":
+                term = gram(out.reshape(-1, out.shape[-1]), weight / (n * t))
+            else:
+                term = gram(out.sum(dim=1), weight / n_terms)
             g = term if g is None else g.add_(term)
         return a, g
 

@@ -78,7 +78,7 @@ class KroneckerCurvature(Curvature):
 
     def statistics(self, stats: LayerStats) -> dict[str, torch.Tensor]:
         kind = "real" if self.config["fisher"] == "empirical" else "fisher"
-        a, g = stats.kron_factors(kind)
+        a, g = stats.kron_factors(kind, self.config["kfac_approx"])
         return {"A": a, "G": g}
 
     def accumulate(self, new: dict[str, torch.Tensor], ema_decay: float) -> None:
@@ -150,6 +150,10 @@ class KFAC(Estimator):
     """K-FAC / KFC: Kronecker factors A (x) G per layer (Martens & Grosse 2015; Grosse & Martens 2016)."""
 
     options = {
+        "kfac_approx": Option("expand", one_of("expand", "reduce"),
+                              "layers with a shared dimension (sequence positions, patches, several uses per forward): "
+                              "'expand' treats each position like an example, 'reduce' sums over positions first "
+                              "(Eschenhagen et al., NeurIPS 2023; ALGORITHMS.md 11)"),
         "damping_style": Option("pi", one_of("pi", "exact", "explicit", "trace"),
                                 "'pi': factored pi-damping (eq. K.5); 'exact': (G (x) A + lambda I)^-1 via eigh "
                                 "(K.8); 'explicit': A + lambda m_A I, G + lambda m_G I; 'trace': A + lambda tr(A) I, "
