@@ -151,6 +151,119 @@ class Conv2dAdapter(LayerAdapter):
         return g.flatten(2).transpose(1, 2)                           # (N, T, c_out)
 
 
+@register_adapter("embedding")
+class EmbeddingAdapter(LayerAdapter):
+    """nn.Embedding as a Linear layer on one-hot inputs: ``out = W^T onehot(i)``, so the matrix view is
+    ``Wbar = W^T`` of shape ``(embedding_dim, num_embeddings)`` and the input rows are the one-hot tokens.
+
+    K-FAC's input factor is then diagonal, the token frequencies (``A = diag(counts) / N_terms``), and the
+    output factor the usual ``G``; every estimator sees an ordinary (one-hot) Linear layer. Rows of
+    ``padding_idx`` get no gradient from PyTorch and stay zero under any of the estimators' solves with a diagonal
+    input side. The one-hot rows and ``A`` are dense: vocabularies above :attr:`max_vocab` get the first-order
+    fallback (register a sparse adapter for large vocabularies); ``max_norm`` (weights renormalized in place
+    during forward) and ``sparse=True`` gradients are refused."""
+
+    module_types = (nn.Embedding,)
+    max_vocab = 8192
+
+    def unsupported_reason(self, module: nn.Module) -> str | None:
+        if module.max_norm is not None:
+            return "max_norm renormalizes the embedding in place during forward; not supported by the Embedding adapter"
+        if module.sparse:
+            return "sparse=True gives sparse gradients; the Embedding adapter needs dense ones"
+        if module.num_embeddings > self.max_vocab:
+            return (f"num_embeddings={module.num_embeddings} > {self.max_vocab}: the one-hot input factor would be "
+                    "dense and too large (EmbeddingAdapter.max_vocab)")
+        return None
+
+    def shape(self, module: nn.Module) -> tuple[int, int]:
+        return module.embedding_dim, module.num_embeddings
+
+    def to_matrix(self, module: nn.Module, tensors: list[torch.Tensor]) -> torch.Tensor:
+        return tensors[0].T
+
+    def from_matrix(self, module: nn.Module, mat: torch.Tensor) -> list[torch.Tensor]:
+        return [mat.T]
+
+    def param_order(self, module: nn.Module) -> torch.Tensor:
+        d_out, cols = self.shape(module)
+        return torch.arange(d_out * cols).reshape(d_out, cols).T.reshape(-1)
+
+    def input_rows(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        idx = x.reshape(x.shape[0], -1).long()
+        return F.one_hot(idx, module.num_embeddings)
+
+    def output_rows(self, module: nn.Module, g: torch.Tensor) -> torch.Tensor:
+        return g.reshape(g.shape[0], -1, g.shape[-1])
+
+
+_NORMS: tuple[type[nn.Module], ...] = (nn.LayerNorm,) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+
+
+@register_adapter("scale_shift")
+class ScaleShiftAdapter(LayerAdapter):
+    """nn.LayerNorm / nn.RMSNorm with affine parameters: ``s = gamma * xhat + beta`` elementwise.
+
+    Matrix view ``(d, k)``: one row per normalized feature (``d = prod(normalized_shape)``), columns the
+    trainable ones of ``[gamma | beta]``. ``input_rows`` gives ``xhat`` (recomputed from the input with the
+    layer's ``eps``), ``output_rows`` the output gradients, both ``(N, T, d)``; ``elementwise = True`` tells
+    estimators that the rows are NOT a Kronecker input side (:mod:`curvlab.estimators.scale_shift`)."""
+
+    module_types = _NORMS
+    elementwise = True
+
+    def unsupported_reason(self, module: nn.Module) -> str | None:
+        if getattr(module, "weight", None) is None and getattr(module, "bias", None) is None:
+            return "no affine parameters (elementwise_affine=False)"
+        return None
+
+    def select(self, module: nn.Module, params: list[nn.Parameter]) -> str:
+        ids = {id(p) for p in params}
+        self.weight_trained = getattr(module, "weight", None) is not None and id(module.weight) in ids
+        self.bias_trained = getattr(module, "bias", None) is not None and id(module.bias) in ids
+        frozen = [n for n, t in (("scale", self.weight_trained), ("shift", self.bias_trained))
+                  if not t and getattr(module, "weight" if n == "scale" else "bias", None) is not None]
+        return f"{' and '.join(frozen)} frozen" if frozen else ""
+
+    def has_bias(self, module: nn.Module) -> bool:
+        return False                                  # no homogeneous column: the shift is a column of its own
+
+    def _features(self, module: nn.Module) -> int:
+        return int(torch.Size(module.normalized_shape).numel())
+
+    def shape(self, module: nn.Module) -> tuple[int, int]:
+        return self._features(module), int(self.weight_trained) + int(self.bias_trained)
+
+    def to_matrix(self, module: nn.Module, tensors: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack([t.reshape(-1) for t in tensors], dim=1)
+
+    def from_matrix(self, module: nn.Module, mat: torch.Tensor) -> list[torch.Tensor]:
+        return [mat[:, c].reshape(module.normalized_shape) for c in range(mat.shape[1])]
+
+    def param_order(self, module: nn.Module) -> torch.Tensor:
+        d, k = self.shape(module)
+        return torch.arange(d * k).reshape(d, k).T.reshape(-1)
+
+    def input_rows(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        dims = tuple(range(-len(module.normalized_shape), 0))
+        eps = module.eps if module.eps is not None else torch.finfo(x.dtype).eps
+        x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+        if isinstance(module, nn.LayerNorm):
+            xhat = (x - x.mean(dim=dims, keepdim=True)) * torch.rsqrt(x.var(dim=dims, unbiased=False, keepdim=True)
+                                                                       + eps)
+        else:
+            xhat = x * torch.rsqrt(x.square().mean(dim=dims, keepdim=True) + eps)
+        return xhat.reshape(x.shape[0], -1, self._features(module))
+
+    def output_rows(self, module: nn.Module, g: torch.Tensor) -> torch.Tensor:
+        return g.reshape(g.shape[0], -1, self._features(module))
+
+    def elementwise_grads(self, g: torch.Tensor, xhat: torch.Tensor) -> torch.Tensor:
+        """``(N, d, k)`` per-example gradients of ``[gamma | beta]`` (trainable columns) from ``(N, T, d)`` rows."""
+        cols = ([(g * xhat).sum(dim=1)] if self.weight_trained else []) + ([g.sum(dim=1)] if self.bias_trained else [])
+        return torch.stack(cols, dim=2)
+
+
 def find_adapter(module: nn.Module) -> tuple[LayerAdapter | None, str | None]:
     """The adapter claiming ``module`` (most specific registered type wins), or ``(None, reason)``."""
     best: tuple[int, type] | None = None

@@ -121,8 +121,26 @@ class Estimator:
         mean-loss gradient in the matrix view (``LayerStats.grad``), for gradient-statistics estimators."""
         return set()
 
+    def unsupported_reason(self, adapter: LayerAdapter) -> str | None:
+        """``None`` if this estimator gives ``adapter``'s layers a curvature, else why not (first-order fallback).
+
+        Elementwise layers (LayerNorm / RMSNorm scale and shift, :mod:`curvlab.estimators.scale_shift`) get a
+        small Fisher block from per-example gradients when the estimator reads output gradients, the
+        estimator's own curvature when it works on gradients or nothing (Shampoo, identity), else none."""
+        if not getattr(adapter, "elementwise", False):
+            return None
+        if self.config.get("norm_curvature") == "off":
+            return "norm_curvature='off'"
+        if self.captures() & {"real_grads", "fisher_grads"} or self.captures() <= {"grad"}:
+            return None
+        return (f"estimator {self.registry_name!r} reads no output gradients, so it has no curvature for "  # type: ignore
+                "elementwise (normalization) layers")
+
     def create(self, name: str, module: nn.Module, adapter: LayerAdapter,
                events: list[NumericsEvent]) -> Curvature:
+        if getattr(adapter, "elementwise", False) and self.captures() & {"real_grads", "fisher_grads"}:
+            from .estimators.scale_shift import ScaleShiftCurvature
+            return ScaleShiftCurvature(name, module, adapter, self.config, events)
         return self.curvature_class(name, module, adapter, self.config, events)
 
     def describe(self, adapter: LayerAdapter) -> str:

@@ -136,6 +136,10 @@ COMMON: dict[str, Option] = {
     "loss_terms_per_example": Option(None, lambda name, v: None if v is None else positive_int(name, v),
                                      "loss terms per example of an (N, *rows, C) output (None = the rows, one term per "
                                      "position); the loss is their mean (curvlab.losses)"),
+    "norm_curvature": Option("auto", one_of("auto", "dense", "diagonal", "off"),
+                             "LayerNorm/RMSNorm scale and shift: a dense or diagonal Fisher block from per-example "
+                             "gradients ('auto': dense up to 1024 parameters per layer), or 'off' (first-order "
+                             "fallback); see curvlab.estimators.scale_shift"),
     "capture": Option("hooks", one_of("hooks", "backpack"),
                       "statistics backend: forward/backward hooks (default) or BackPACK extensions"),
     "layers": Option(None, lambda name, v: _names(name, v),

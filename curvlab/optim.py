@@ -138,6 +138,8 @@ class CurvlabOptimizer(torch.optim.Optimizer):
                                      "curvlab cannot precondition shared parameters: untie them")
                 owner[id(p)] = f"{mname}.{pn}"
             adapter, reason = find_adapter(module)
+            if adapter is not None and (reason := self.estimator.unsupported_reason(adapter)):
+                adapter = None
             label = mname or type(module).__name__
             if adapter is not None and selected is not None and label not in selected:
                 adapter, reason = None, "not selected by the `layers` option"

@@ -43,7 +43,7 @@ class LayerStats:
 
     def _use_rows(self, convert, tensors) -> torch.Tensor:
         """Rows of one record: each use converted, concatenated along the shared dimension (dim 1)."""
-        rows = [convert(self.module, t.to(self.dtype)) for t in tensors]
+        rows = [convert(self.module, t).to(self.dtype) for t in tensors]   # integer inputs: embeddings
         return torch.cat(rows, dim=1) if len(rows) > 1 else rows[0]
 
     @cached_property
@@ -114,6 +114,13 @@ class LayerStats:
     def per_example_grads(self) -> torch.Tensor:
         """``(N, d_out, d_in [+1])`` gradients of each example's loss (real labels) in the matrix view."""
         (g, _), = self.output_rows("real")
+        return self.example_grads(g)
+
+    def example_grads(self, g: torch.Tensor) -> torch.Tensor:
+        """``(N, d_out, cols)`` per-example matrix-view gradients from output rows ``g`` ``(N, T, d_out)``:
+        ``sum_t g_{n,t} abar_{n,t}^T``, or the adapter's elementwise form (normalization layers)."""
+        if getattr(self.adapter, "elementwise", False):
+            return self.adapter.elementwise_grads(g, self.input_rows())
         return torch.einsum("nto,nti->noi", g, self.input_rows())
 
     def sub_batch_grads(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,6 +136,9 @@ class LayerStats:
         if n < 2:
             raise ValueError(f"layer {self.name!r}: sub-batch gradients need a batch of at least 2 examples")
         half = (n + 1) // 2
+        if getattr(self.adapter, "elementwise", False):
+            pe = self.example_grads(g)
+            return pe[:half].mean(0), pe[half:].mean(0)
         out = []
         for sl in (slice(0, half), slice(half, n)):
             gs, xs = g[sl], a[sl]
