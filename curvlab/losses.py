@@ -163,7 +163,10 @@ def check_output_gradients(loss: str, out: torch.Tensor, rows: torch.Tensor, tol
         raise LossMismatch(
             "loss='cross_entropy' is configured, but the training loss's gradients with respect to the model output "
             "are not those of a cross-entropy on these logits (the rows of dL/df do not sum to zero); if you train "
-            "with a mean squared error pass loss='mse', and make the model return the tensor the loss takes")
+            "with a mean squared error pass loss='mse', and make the model return the tensor the loss takes"
+            + (f". For outputs {tuple(out.shape)} curvlab reads the classes in the LAST dimension (one loss term per "
+               "row): torch's F.cross_entropy on (N, C, ...) logits uses dim 1, so return out.movedim(1, -1) and "
+               "compute F.cross_entropy(out.reshape(-1, C), y.reshape(-1))" if out.dim() > 2 else ""))
     scale = float(hard.median()) if hard is not None else float(l1.max()) / 2.0
     if (hard is not None and scale > 1.0 + tol and bool(((hard - scale).abs() <= tol * scale).all())) or \
             (hard is None and scale > 1.0 + tol):

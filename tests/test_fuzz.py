@@ -37,7 +37,9 @@ def draw_model(rng: random.Random) -> tuple[nn.Module, torch.Tensor, torch.Tenso
         d, width = rng.choice([3, 6]), rng.choice([4, 8, 12])
         layers: list[nn.Module] = [nn.Linear(d, width, bias=rng.random() < 0.7), rng.choice([nn.Tanh(), nn.ReLU()])]
         if rng.random() < 0.3:
-            layers.append(nn.LayerNorm(width))  # an unsupported layer: first-order fallback
+            layers.append(nn.LayerNorm(width))  # a scale/shift block (or the fallback, e.g. under ISAAC)
+        if rng.random() < 0.2:
+            layers.append(nn.BatchNorm1d(width))  # an unsupported layer: first-order fallback
         layers.append(nn.Linear(width, classes))
         model = nn.Sequential(*layers)
         x = torch.randn(n, d)

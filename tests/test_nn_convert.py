@@ -313,10 +313,8 @@ def test_converted_encoder_is_preconditioned_by_kfac():
     probe.capture.remove()
     assert not before["encoder.layers.0.self_attn.in_proj_weight"]["preconditioned"]
     assert before["encoder.layers.0.self_attn.out_proj"]["preconditioned"]
-    try:                                     # by the Linear adapter but never called as a module by MHA
-        _train(original)
-    except RuntimeError as err:              # curvlab today: "... has gradients but no curvature statistics"
-        assert "self_attn.out_proj" in str(err), str(err)
+    with pytest.warns(curvlab.CaptureWarning, match=r"self_attn\.out_proj.*curvlab\.nn\.convert"):
+        _train(original)                     # claimed by the Linear adapter but never called by MHA: first order
     converted = convert(model)
     opt, losses = _train(converted)
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], losses
@@ -325,10 +323,8 @@ def test_converted_encoder_is_preconditioned_by_kfac():
         for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
             assert rows[f"encoder.layers.{i}.self_attn.{proj}"]["preconditioned"], proj
     total = sum(p.numel() for p in converted.parameters())
-    norms = sum(p.numel() for m in converted.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters())
     covered = sum(r["numel"] for r in rows.values() if r["preconditioned"])
-    assert covered == total - norms                # everything but the LayerNorms (first-order fallback)
-    assert covered / total >= 0.9, opt.coverage_report()
+    assert covered == total, opt.coverage_report()   # LayerNorms too (scale/shift blocks)
     converted.eval()
     with torch.no_grad():                          # evaluation with the optimizer's hooks attached
         pad = torch.zeros(16, 5, dtype=torch.bool)

@@ -51,26 +51,26 @@ def test_unknown_component_suggests_a_name():
         curvlab.optimizer([torch.zeros(2)], "kfac", "natural")
 
 
-def model_with_layernorm():
+def model_with_batchnorm():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Linear(5, 3))
+    return nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Linear(5, 3))
 
 
 def test_strict_mode_names_the_unsupported_layer():
-    with pytest.raises(curvlab.UnsupportedLayer, match=r"layer '1' \(LayerNorm\).*register_adapter.*strict=False"):
-        curvlab.optimizer(model_with_layernorm(), "kfac", "natural", strict=True)
+    with pytest.raises(curvlab.UnsupportedLayer, match=r"layer '1' \(BatchNorm1d\).*register_adapter.*strict=False"):
+        curvlab.optimizer(model_with_batchnorm(), "kfac", "natural", strict=True)
     conv = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))
     with pytest.raises(curvlab.UnsupportedLayer, match="grouped convolution"):
         curvlab.optimizer(conv, "kfac", "natural", strict=True)
 
 
 def test_unclaimed_parameters_get_the_first_order_fallback():
-    model = model_with_layernorm()
+    model = model_with_batchnorm()
     opt = curvlab.optimizer(model, "kfac", "natural", lr=0.1)
     cov = {c["name"]: c for c in opt.coverage()}
     assert cov["0"]["how"] == "kfac (Linear)" and cov["2"]["preconditioned"]
     assert "first-order fallback" in cov["1.weight"]["how"] and not cov["1.weight"]["preconditioned"]
-    assert "LayerNorm" in opt.coverage_report()
+    assert "BatchNorm1d" in opt.coverage_report()
     x, y = batch()
     ln_w = model[1].weight.detach().clone()
     F.cross_entropy(model(x), y).backward()
@@ -87,13 +87,26 @@ def test_weight_tying_is_refused():
         curvlab.optimizer(model, "kfac", "natural")
 
 
-def test_cross_entropy_needs_two_dimensional_logits():
-    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1))
+def test_cross_entropy_reads_classes_in_the_last_dimension():
+    """(N, C, H, W) logits with torch's classes-in-dim-1 cross-entropy are refused by the loss check, naming the
+    convention; with the classes moved last the same model trains."""
+    torch.manual_seed(0)
+    x, y = torch.randn(2, 1, 4, 4), torch.randint(0, 3, (2, 4, 4))
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1))
     opt = curvlab.optimizer(model, "kfac", "natural", fisher="mc")
-    out = model(torch.randn(2, 1, 4, 4))
-    with pytest.raises(ValueError, match=r"expects model outputs of shape \(N, C\)"):
-        out.sum().backward()
-    del opt
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(curvlab.LossMismatch, match="classes in the LAST dimension"):
+        opt.step()
+    last = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), Permute())
+    opt = curvlab.optimizer(last, "kfac", "natural", fisher="mc")
+    F.cross_entropy(last(x).reshape(-1, 3), y.reshape(-1)).backward()
+    opt.step()
+    assert opt.step_count == 1
+
+
+class Permute(nn.Module):
+    def forward(self, x):
+        return x.movedim(1, -1)
 
 
 @pytest.mark.parametrize("fisher", ["empirical", "mc", "type2"])
