@@ -80,3 +80,42 @@ def test_norm_curvature_options():
     assert not {c["name"]: c for c in opt.coverage()}["1.weight"]["preconditioned"]
     opt = curvlab.optimizer(model, "isaac", "natural")
     assert "reads no output gradients" in {c["name"]: c["how"] for c in opt.coverage()}["1.weight"]
+
+
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+def test_per_example_blocks_are_exact_on_sequences(loss):
+    """MBF with one block per layer is the empirical Fisher block: exact on (N, T, d) inputs whatever T, with a
+    loss term at every position (the per-example gradient sums the positions; ALGORITHMS.md 11)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(6, 4), nn.Linear(4, 5), nn.Tanh(), nn.LayerNorm(5), nn.Linear(5, 3))
+    x = torch.randint(0, 6, (7, 4))
+    if loss == "mse":
+        y = torch.randn(7, 4, 3)
+        opt = curvlab.optimizer(model, "miniblock", "natural", loss="mse", miniblock_size="layer", ema_decay=0.0)
+        F.mse_loss(model(x), y).backward()
+        ref_model, ref_x, ref_y = model, x, y
+    else:
+        y = torch.randint(0, 3, (7, 4))
+        opt = curvlab.optimizer(model, "miniblock", "natural", miniblock_size="layer", ema_decay=0.0)
+        F.cross_entropy(model(x).reshape(-1, 3), y.reshape(-1)).backward()
+    assert opt.update_curvature()
+    blocks = opt.blocks()
+    if loss == "cross_entropy":                   # exact.py takes (N, C) logits: the per-example loss by hand
+        params = [p for p in model.parameters()]
+
+        def example_loss(i):
+            return F.cross_entropy(model(x[i:i + 1]).reshape(-1, 3), y[i].reshape(-1))
+
+        grads = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(example_loss(i), params)]) for i in range(7)]
+        pe = torch.stack(grads)
+        offsets, start = {}, 0
+        for name, m in model.named_children():
+            n = sum(p.numel() for p in m.parameters())
+            offsets[name], start = (start, start + n), start + n
+        for name in blocks:
+            a, b = offsets[name]
+            assert_close(blocks[name], pe[:, a:b].T @ pe[:, a:b] / 7, rtol=1e-10, atol=1e-14, what=f"block {name}")
+        return
+    ref = exact.exact_blocks("empirical", ref_model, ref_x, ref_y, loss="mse", modules=list(blocks))
+    for name in blocks:
+        assert_close(blocks[name], ref[name], rtol=1e-10, atol=1e-14, what=f"empirical block {name} ({loss})")
