@@ -13,11 +13,16 @@ with TRAIN statistics only) and is registered with :func:`curvlab.register_datas
 ``mnist``           MNIST from any directory holding the four standard IDX files (gzipped or not)
 ``regression``      synthetic linear-teacher regression ``y = x W + noise``
 ``teacher_student`` a random tanh-MLP teacher labels Gaussian inputs (classification or regression)
+``modular``         modular arithmetic ``(a op b) mod p`` as token sequences (Power et al. 2022, grokking)
+``chars``           character-level language modelling on a bundled English text (next character at
+                    every position)
 =================== ==================================================================================
 
-Classification targets are int64 class indices; regression targets are float ``(N, D)``. MNIST
-parsing lives in :mod:`curvlab.experiments.idx`, the synthetic generators in
-:mod:`curvlab.experiments.synthetic`. :func:`batches` turns tensors into minibatches (any batch size up
+Classification targets are int64 class indices, ``(N,)`` or one per position ``(N, T)`` (language
+modelling); regression targets are float ``(N, D)``. Token data sets (``vocab_size`` set) have int64
+inputs: token ids, never normalized or cast to the model dtype. MNIST parsing lives in
+:mod:`curvlab.experiments.idx`, the synthetic generators in :mod:`curvlab.experiments.synthetic`, the
+token data sets in :mod:`curvlab.experiments.sequences`. :func:`batches` turns tensors into minibatches (any batch size up
 to the full data set).
 """
 from __future__ import annotations
@@ -51,9 +56,12 @@ class Split:
     """A train/test split.
 
     Attributes:
-        x_train: ``(N_train, num_features)`` float features (flattened; see ``input_shape``).
-        y_train: ``(N_train,)`` int64 class labels, or ``(N_train, D)`` float targets for regression.
-        x_test: ``(N_test, num_features)`` float features.
+        x_train: ``(N_train, num_features)`` float features (flattened; see ``input_shape``), or int64
+            token ids ``(N_train, T)`` when ``vocab_size`` is set.
+        y_train: ``(N_train,)`` int64 class labels, ``(N_train, T)`` int64 labels per position (language
+            modelling: cross-entropy and accuracy are averaged over all ``N * T`` positions), or
+            ``(N_train, D)`` float targets for regression.
+        x_test: ``(N_test, num_features)`` float features (or token ids, as ``x_train``).
         y_test: test targets, as ``y_train``.
         num_features: number of input features per example.
         num_classes: number of classes (0 for regression).
@@ -61,6 +69,8 @@ class Split:
         task: ``"classification"`` or ``"regression"``.
         input_shape: the unflattened shape of one example, e.g. ``(1, 8, 8)`` for image models;
             ``None`` means a plain vector of ``num_features``.
+        vocab_size: ``None`` for float features; for token inputs the number of token ids, the inputs
+            being int64 in ``[0, vocab_size)`` (the runner passes it to a model builder's ``vocab_size``).
     """
 
     x_train: torch.Tensor
@@ -72,10 +82,21 @@ class Split:
     name: str
     task: str = "classification"
     input_shape: tuple[int, ...] | None = None
+    vocab_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.task not in ("classification", "regression"):
             raise DatasetError(f"Split.task must be 'classification' or 'regression', got {self.task!r}")
+        if self.vocab_size is not None:
+            for part in ("x_train", "x_test"):
+                if getattr(self, part).dtype != torch.int64:
+                    raise DatasetError(f"Split.{part} must hold int64 token ids when vocab_size is set, "
+                                       f"got {getattr(self, part).dtype}")
+
+    @property
+    def tokens(self) -> bool:
+        """True when the inputs are integer token ids (``vocab_size`` is set)."""
+        return self.vocab_size is not None
 
     @property
     def num_train(self) -> int:
@@ -100,9 +121,10 @@ class Split:
         return tuple(self.input_shape) if self.input_shape else (self.num_features,)
 
     def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> Split:
-        """A copy with features (and regression targets) in ``dtype`` on ``device``."""
+        """A copy with features (and regression targets) in ``dtype`` on ``device``; class labels and token
+        ids keep their int64 dtype."""
         def conv(t: torch.Tensor, is_target: bool) -> torch.Tensor:
-            keep_dtype = is_target and self.task == "classification"
+            keep_dtype = self.task == "classification" if is_target else self.tokens
             return t.to(device=device, dtype=None if keep_dtype else dtype)
         return replace(self, x_train=conv(self.x_train, False), y_train=conv(self.y_train, True),
                        x_test=conv(self.x_test, False), y_test=conv(self.y_test, True))
@@ -332,3 +354,4 @@ def _iter_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bo
 
 
 from .experiments import synthetic as _synthetic  # noqa: E402,F401  (registers regression, teacher_student)
+from .experiments import sequences as _sequences  # noqa: E402,F401  (registers modular, chars)

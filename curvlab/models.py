@@ -12,6 +12,10 @@ studies work:
 ``resnet``      :func:`resnet`, BasicBlocks, ``width`` channels in the first stage
 =============== ===================================================================================
 
+Transformers (:mod:`curvlab.transformer_models`, width ``d_model``): ``transformer_lm`` (a causal
+``nn.TransformerEncoder`` over token ids, for the ``modular`` and ``chars`` data sets) and ``vit`` (a small
+Vision Transformer on image data sets).
+
 Registered builders take ``(input_shape, num_outputs, **options)`` and accept FLAT inputs (they unflatten
 images themselves); register your own with ``@curvlab.register_model("name")``.
 """
@@ -265,3 +269,6 @@ def build_resnet(input_shape: tuple[int, ...], num_outputs: int, width: int = 16
     """Small ResNet of BasicBlocks (:func:`resnet`); ``width`` = channels of the first stage."""
     c, h, w = _image_shape("resnet", input_shape)
     return nn.Sequential(nn.Unflatten(1, (c, h, w)), *resnet(c, num_outputs, width, blocks, stages))
+
+
+from . import transformer_models as _transformer_models  # noqa: E402,F401  (registers transformer_lm, vit)

@@ -3,9 +3,10 @@
 A run directory ``<out>/<run_id>/`` holds, each file written atomically (:mod:`.io`):
 
 * ``config.json``    the resolved configuration (``curvlab run <dir>/config.json`` repeats the run);
-* ``metrics.jsonl``  one JSON line per epoch (epoch 0 = before training): ``train_loss`` (evaluated on
-  the first ``train.eval_train_examples`` training examples after the epoch), ``batch_loss`` (mean
-  minibatch loss during the epoch), ``test_loss``, ``test_accuracy`` (null for regression), ``lr`` (at
+* ``metrics.jsonl``  one JSON line per epoch (epoch 0 = before training): ``train_loss`` and
+  ``train_accuracy`` (evaluated on the first ``train.eval_train_examples`` training examples after the
+  epoch), ``batch_loss`` (mean minibatch loss during the epoch), ``test_loss``, ``test_accuracy`` (the
+  accuracies are null for regression; per position for targets ``(N, T)``), ``lr`` (at
   the epoch's last step), ``steps`` and ``skipped_steps`` (cumulative), and the timings
   :data:`TIMING_KEYS`: ``step_time_ms`` (mean zero_grad + forward + backward + step), ``refresh_time_s``
   (time inside ``opt.refresh``, i.e. recomputing inverses / roots, summed over the epoch),
@@ -42,6 +43,7 @@ import torch.nn.functional as F
 from .config import ConfigError, canonical_json, resolve_config, run_id
 from .io import atomic_torch_save, atomic_write_json, load_torch, read_json, read_jsonl, write_jsonl
 from .launch import DistContext, check_batch_size, set_share, setup, shard, wrap_model
+from .sequences import model_options_for
 
 __all__ = ["RunResult", "run", "load_run", "is_finished", "load_split", "evaluate", "lr_factor", "TIMING_KEYS",
            "CONFIG", "METRICS", "SUMMARY", "DONE", "CHECKPOINT"]
@@ -106,8 +108,17 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
 
 def _loss(task: str, out: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """The training loss (curvlab's ``loss`` option): cross-entropy on logits, or ``MSELoss`` (mean over
-    examples AND output entries); ``reduction="sum"`` sums over examples only (for exact evaluation)."""
+    examples AND output entries); ``reduction="sum"`` sums over examples only (for exact evaluation).
+
+    Sequence outputs: logits ``(N, T, C)`` with labels ``(N, T)`` (a language model) take the cross-entropy
+    over the last dimension and the mean (or sum) over all ``N * T`` positions."""
     if task == "classification":
+        if out.dim() > 2 or y.dim() > 1:
+            if out.shape[:-1] != y.shape:
+                raise ValueError(f"logits of shape {tuple(out.shape)} do not match labels of shape {tuple(y.shape)}: "
+                                 "per-position labels (N, T) need logits (N, T, C), one label per example (N,) "
+                                 "needs logits (N, C) (e.g. model.pool = 'last' for transformer_lm)")
+            return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1), reduction=reduction)
         return F.cross_entropy(out, y, reduction=reduction)
     if reduction == "sum":
         return F.mse_loss(out, y, reduction="sum") / out[0].numel()
@@ -119,22 +130,26 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, task: str
              batch_size: int = 4096, ctx: DistContext | None = None) -> tuple[float, float | None]:
     """Mean loss and accuracy (None unless classification) in eval mode, without curvature capture.
 
-    With a distributed ``ctx`` each rank evaluates its contiguous share of ``x`` and the sums are
-    all-reduced, so every rank returns the same numbers (all ranks must call it)."""
+    Both are means over loss terms: examples, or every position for labels ``(N, T)`` (per-token loss
+    and accuracy of a language model). With a distributed ``ctx`` each rank evaluates its contiguous
+    share of ``x`` and the sums are all-reduced, so every rank returns the same numbers (all ranks must
+    call it)."""
     if len(x) == 0:
         return math.nan, None
+    terms = y[0].numel() if task == "classification" else 1  # loss terms (labels) per example
     if ctx is not None and ctx.distributed:
         part = shard(len(x), ctx.rank, ctx.world_size)
         total, correct = _eval_sums(model, x[part], y[part], task, batch_size)
         total, correct = ctx.all_sum([total, correct])
-        return total / len(x), (correct / len(x) if task == "classification" else None)
-    total, correct = _eval_sums(model, x, y, task, batch_size)
-    return total / len(x), (correct / len(x) if task == "classification" else None)
+    else:
+        total, correct = _eval_sums(model, x, y, task, batch_size)
+    count = len(x) * terms
+    return total / count, (correct / count if task == "classification" else None)
 
 
 def _eval_sums(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, task: str,
                batch_size: int) -> tuple[float, int]:
-    """Summed loss and number of correct predictions over ``x`` (eval mode, capture paused)."""
+    """Summed loss and number of correct predictions (labels) over ``x`` (eval mode, capture paused)."""
     from curvlab import capture
 
     was_training = model.training
@@ -147,7 +162,7 @@ def _eval_sums(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, task: s
                 out = model(xb)
                 total += float(_loss(task, out, yb, reduction="sum"))
                 if task == "classification":
-                    correct += int((out.argmax(dim=1) == yb).sum())
+                    correct += int((out.argmax(dim=-1) == yb).sum())
     finally:
         model.train(was_training)
     return total, correct
@@ -254,7 +269,9 @@ def _train(cfg: dict[str, Any], rid: str, rdir: Path | None, quiet: bool,
     seed = train["seed"]
     torch.manual_seed(seed)
     margs = dict(cfg["model"])
-    net = curvlab.MODELS.get(margs.pop("name"))(split.example_shape, num_outputs, **margs).to(device, dtype)
+    builder = curvlab.MODELS.get(margs.pop("name"))
+    margs = model_options_for(split, builder, margs)
+    net = builder(split.example_shape, num_outputs, **margs).to(device, dtype)
     model = wrap_model(net, ctx)  # DistributedDataParallel under torchrun; `net` is the bare module
     opt = curvlab.optimizer(model, **names, seed=seed, **hyper)
     timer = _Timed(opt.refresh, sync)
@@ -268,10 +285,11 @@ def _train(cfg: dict[str, Any], rid: str, rdir: Path | None, quiet: bool,
     n_eval = min(train["eval_train_examples"], split.num_train)
 
     def measure(epoch: int) -> dict[str, Any]:
-        train_loss = evaluate(net, x_tr[:n_eval], y_tr[:n_eval], task, train["eval_batch_size"], ctx)[0] \
-            if n_eval else None
+        train_loss, train_acc = evaluate(net, x_tr[:n_eval], y_tr[:n_eval], task, train["eval_batch_size"], ctx) \
+            if n_eval else (None, None)
         test_loss, test_acc = evaluate(net, x_te, y_te, task, train["eval_batch_size"], ctx)
-        return {"epoch": epoch, "train_loss": train_loss, "test_loss": test_loss, "test_accuracy": test_acc}
+        return {"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc, "test_loss": test_loss,
+                "test_accuracy": test_acc}
 
     rows: list[dict[str, Any]] = []
     step, elapsed, first = 0, 0.0, 1
@@ -350,8 +368,8 @@ def _finite(x: Any) -> bool:
 
 def summarize(rows: list[dict[str, Any]], cfg: dict[str, Any], rid: str, task: str, loss_name: str, split: Any,
               opt: Any) -> dict[str, Any]:
-    """Final / best test accuracy, epochs to ``train.target_accuracy`` (None if never reached), final
-    losses, mean step time, refresh time per step and its share of the step, coverage, divergence."""
+    """Final / best test accuracy, final train accuracy, epochs to ``train.target_accuracy`` (None if never
+    reached), final losses, mean step time, refresh time per step and its share of the step, coverage, divergence."""
     trained = [r for r in rows if r["epoch"] > 0]
     acc = [r["test_accuracy"] for r in trained]
     target = cfg["train"]["target_accuracy"]
@@ -367,6 +385,7 @@ def summarize(rows: list[dict[str, Any]], cfg: dict[str, Any], rid: str, task: s
         "dataset": split.name, "model": cfg["model"]["name"], "task": task, "loss": loss_name,
         "num_train": split.num_train, "num_test": split.num_test, "epochs": len(trained), "steps": steps,
         "final_test_accuracy": acc[-1] if acc and task == "classification" else None,
+        "final_train_accuracy": last.get("train_accuracy"),
         "best_test_accuracy": max((a for a in acc if a is not None), default=None),
         "target_accuracy": target,
         "epochs_to_target": next((r["epoch"] for r in trained if (r["test_accuracy"] or 0.0) >= target), None),
