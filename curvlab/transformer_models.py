@@ -10,11 +10,11 @@
                     learned positions, a class token or mean pooling, a linear head
 =================== ===================================================================================
 
-Attention is ``nn.MultiheadAttention`` inside ``nn.TransformerEncoderLayer``: its input projection is a
-bare parameter (``in_proj_weight``) and its output projection is applied functionally, so curvlab's
-hook-based estimators (kfac, isaac, miniblock) do not see their inputs; gradient-statistics estimators
-(``identity``, ``shampoo``) and the first-order fallback work as for any model. Embeddings, LayerNorm,
-the class token and positions get the first-order fallback (``opt.coverage_report()``).
+Attention is ``nn.MultiheadAttention`` inside ``nn.TransformerEncoderLayer``, converted by
+:func:`curvlab.nn.convert` (same function, same state-dict keys) so that its q/k/v/out projections are called
+``nn.Linear`` layers every estimator preconditions; embeddings and LayerNorms have adapters of their own. Only
+the ViT's class token and position table (bare parameters) get the first-order fallback
+(``opt.coverage_report()``).
 
 ``d_model`` is the width; ``dim_feedforward`` defaults to ``2 * d_model`` so that one option scales
 the whole network.
@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .nn import convert
 from .registry import register_model
 
 __all__ = ["TransformerLM", "VisionTransformer", "build_transformer_lm", "build_vit", "POOLS"]
@@ -170,8 +171,8 @@ def build_transformer_lm(input_shape: tuple[int, ...], num_outputs: int, vocab_s
     if vocab_size is None:
         raise ValueError("model 'transformer_lm' needs vocab_size: use a token data set ('modular', 'chars'), "
                          "whose vocabulary the runner passes, or set model.vocab_size")
-    return TransformerLM(vocab_size, num_outputs, shape[0], d_model, nhead, num_layers, dim_feedforward, dropout,
-                         norm_first, activation, pool, causal)
+    return convert(TransformerLM(vocab_size, num_outputs, shape[0], d_model, nhead, num_layers, dim_feedforward,
+                                 dropout, norm_first, activation, pool, causal))
 
 
 @register_model("vit")
@@ -187,5 +188,5 @@ def build_vit(input_shape: tuple[int, ...], num_outputs: int, patch_size: int = 
     if len(shape) != 3:
         raise ValueError(f"model 'vit' needs image inputs (C, H, W), but the data set gives examples of shape "
                          f"{shape}; use 'digits' or 'mnist'")
-    return VisionTransformer(shape, num_outputs, patch_size, d_model, nhead, num_layers, dim_feedforward,
-                             dropout, norm_first, activation, pool, patch_embed)
+    return convert(VisionTransformer(shape, num_outputs, patch_size, d_model, nhead, num_layers, dim_feedforward,
+                                     dropout, norm_first, activation, pool, patch_embed))
