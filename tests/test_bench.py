@@ -152,3 +152,19 @@ def test_cli_writes_stable_json_schema(tmp_path, capsys):
                 "peak_bytes", "skipped_steps"}
     assert all(row_keys <= set(r) for r in case["rows"])
     assert "ratio" in capsys.readouterr().out
+
+
+def test_cli_transformer_rows_have_ratios_to_sgd_and_adamw(tmp_path, capsys):
+    """``--model transformer``: a causal LM on random tokens, the transformer set (or --variant), AdamW timed
+    alongside and every row's ratio to it."""
+    path = tmp_path / "bench.json"
+    bench_main(["--model", "transformer", "--variant", "kfac:inv_interval=2", "--variant", "identity/natural",
+                "--hidden", "16", "--batch", "4", "--repeats", "1", "--threads", "1", "--json", str(path)])
+    (case,) = json.loads(path.read_text())["cases"]
+    labels = [r["label"] for r in case["rows"]]
+    assert labels == ["sgd", "kfac/natural [inv_interval=2]", "identity/natural", "torch AdamW"]
+    adamw = case["rows"][-1]
+    for r in case["rows"]:
+        assert r["skipped_steps"] == 0 and r["ratio"] > 0
+        assert abs(r["ratio_to_adamw"] - r["ratio"] / adamw["ratio"]) < 1e-12
+    assert "over torch AdamW's" in capsys.readouterr().out

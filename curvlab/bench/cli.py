@@ -6,16 +6,19 @@ Examples::
     curvlab bench --variant kfac:stat_interval=1,inv_interval=10 --batch 64,1024,8192
     curvlab bench --suite scaling --hidden 64,512,2048    # ratios against width
     curvlab bench --model cnn --json bench.json           # a small CNN on 1x28x28 inputs
+    curvlab bench --model transformer --batch 32          # a causal transformer LM (the transformer set)
     curvlab bench --peers                                 # also ASDL / curvlinops / pytorch-optimizer / SINGD
 
 Inputs are random (timing does not depend on the values); the model is seeded. Every row's ``ratio`` is the
-median over interleaved rounds of the variant's step time over SGD's in the same round (see
+median over interleaved rounds of the variant's step time over SGD's in the same round (with ``--model
+transformer`` a ``torch AdamW`` row is timed alongside, and every row also gets its ratio to AdamW's) (see
 :mod:`curvlab.bench.harness`). The JSON (``--json``) holds the environment, the settings and every row, with
 schema ``curvlab.bench/1``.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import platform
@@ -66,7 +69,30 @@ def build_model(kind: str, hidden: list[int], inputs: int = 784, outputs: int = 
     if kind == "cnn":
         from ..models import build_cnn
         return build_cnn((1, 28, 28), outputs, width=width)
-    raise ValueError(f"--model must be 'mlp' or 'cnn', got {kind!r}")
+    if kind == "transformer":
+        from ..transformer_models import build_transformer_lm
+        return build_transformer_lm((TRANSFORMER_CONTEXT,), TRANSFORMER_VOCAB, vocab_size=TRANSFORMER_VOCAB,
+                                    d_model=hidden[0], nhead=4, num_layers=len(hidden))
+    raise ValueError(f"--model must be 'mlp', 'cnn' or 'transformer', got {kind!r}")
+
+
+#: ``--model transformer``: a causal language model (``transformer_lm``, converted attention) on random tokens;
+#: ``--hidden`` gives d_model once per layer (default 128,128: two layers of width 128)
+TRANSFORMER_CONTEXT, TRANSFORMER_VOCAB = 64, 96
+ADAMW = "torch AdamW"
+TRANSFORMER_SUITE = ["identity/natural", "kfac:fisher=empirical,stat_interval=10,inv_interval=10",
+                     "kfac:fisher=empirical,stat_interval=1,inv_interval=10", "kfac:stat_interval=10,inv_interval=10",
+                     "shampoo:inv_interval=10", "miniblock:fisher=empirical,stat_interval=10,inv_interval=10",
+                     "isaac:stat_interval=1,inv_interval=1", "identity/sngm"]
+
+
+def batch_for(kind: str, batch: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random inputs and labels for ``build_model(kind, ...)`` (timing does not depend on the values)."""
+    if kind == "transformer":
+        shape = (batch, TRANSFORMER_CONTEXT)
+        return (torch.randint(0, TRANSFORMER_VOCAB, shape, device=device),
+                torch.randint(0, TRANSFORMER_VOCAB, shape, device=device))
+    return (torch.randn(batch, 784, device=device, dtype=dtype), torch.randint(0, 10, (batch,), device=device))
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -110,6 +136,9 @@ def _cases(args: argparse.Namespace) -> list[tuple[int, list[int], list[Variant]
     if args.variant:
         variants = [Variant.parse(s) for s in args.variant]
         return [(b, h, variants, {}) for b in (batches or [1024]) for h in hidden_sizes]
+    if args.model == "transformer":
+        variants = [Variant.parse(s) for s in TRANSFORMER_SUITE]
+        return [(b, h, variants, {}) for b in (batches or [32]) for h in hidden_sizes]
     if args.suite == "targets":
         cases: dict[int, tuple[list[Variant], dict[str, float]]] = {}
         for sizes, spec, target in TARGETS:
@@ -178,7 +207,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    help="ESTIMATOR[/RULE[/SCALING]][:key=value,...] (repeatable); default: the --suite")
     p.add_argument("--suite", choices=("targets", "scaling"), default="targets",
                    help="targets: the issue-7 target set; scaling: a few variants over batch sizes / widths")
-    p.add_argument("--model", choices=("mlp", "cnn"), default="mlp")
+    p.add_argument("--model", choices=("mlp", "cnn", "transformer"), default="mlp",
+                   help="transformer: a causal LM (transformer_lm) with --hidden d_model per layer (default 128,128)")
     p.add_argument("--hidden", default="512,512",
                    help="MLP hidden sizes '512,512'; several models separated by ';'; with --suite scaling a list of "
                         "widths, each used for both hidden layers (default 512,512 there means widths 512)")
@@ -195,6 +225,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--peers", action="store_true", help="also time the peer libraries (curvlab.bench.peers)")
     p.add_argument("--json", default=None, help="write every row and the environment to this file")
     args = p.parse_args(argv)
+    if args.model == "transformer" and args.hidden == "512,512":
+        args.hidden = "128,128"
     if ";" in args.hidden:
         args.hidden = [_ints(h, "--hidden") for h in args.hidden.split(";")]
     elif args.suite == "scaling" and not args.variant and args.model == "mlp":
@@ -209,16 +241,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for batch, hidden, variants, targets in _cases(args):
         torch.manual_seed(args.seed)
         model = build_model(args.model, hidden, width=args.cnn_width).to(device, dtype)
-        x = torch.randn(batch, 784, device=device, dtype=dtype)
-        y = torch.randint(0, 10, (batch,), device=device)
-        rows = measure(model, x, y, variants, repeats=args.repeats, clock=args.clock)
+        x, y = batch_for(args.model, batch, device, dtype)
+        extra = None
+        if args.model == "transformer":                   # transformers are trained with AdamW: time it too
+            adamw = copy.deepcopy(model)
+            extra = {ADAMW: (adamw, torch.optim.AdamW(adamw.parameters(), lr=1e-9), 1)}
+        rows = measure(model, x, y, variants, repeats=args.repeats, clock=args.clock, extra=extra)
+        adamw_row = next((r for r in rows if r["label"] == ADAMW), None)
+        if adamw_row is not None:
+            for r in rows:
+                r["ratio_to_adamw"] = r["ratio"] / adamw_row["ratio"]
         for r in rows:
             if r["label"] in targets:
                 r["target"] = targets[r["label"]]
-        name = f"{args.model} {'-'.join(map(str, [784, *hidden, 10])) if args.model == 'mlp' else args.cnn_width}"
+        name = {"mlp": f"mlp {'-'.join(map(str, [784, *hidden, 10]))}", "cnn": f"cnn {args.cnn_width}",
+                "transformer": f"transformer_lm d_model {hidden[0]}, {len(hidden)} layers, context "
+                               f"{TRANSFORMER_CONTEXT}, vocab {TRANSFORMER_VOCAB}"}[args.model]
         print(f"\n{name}, batch {batch}, {device}, {args.dtype}, {torch.get_num_threads()} threads "
               f"(ratios to torch.optim.SGD(momentum=0.9) in the same process; '!' = above target)")
         print(format_rows(rows))
+        if adamw_row is not None:
+            print("step time over torch AdamW's (the same rounds):")
+            print("\n".join(f"  {r['label']:<70} {r['ratio_to_adamw']:>6.2f}" for r in rows if r is not adamw_row))
         skipped = {r["label"]: r["skipped_steps"] for r in rows if r.get("skipped_steps")}
         if skipped:
             print(f"WARNING: skipped (non-finite) steps make these rows meaningless: {skipped}")

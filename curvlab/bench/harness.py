@@ -167,9 +167,14 @@ class Variant:
         return cls(*parts, hyper=hyper)
 
 
+def _sequence_cross_entropy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over every row of ``(N, ..., C)`` logits (classes last: curvlab's convention)."""
+    return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+
+
 def _loss_fn(loss: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     if loss == "cross_entropy":
-        return F.cross_entropy
+        return _sequence_cross_entropy
     if loss == "mse":
         return F.mse_loss
     raise ValueError(f"loss must be 'cross_entropy' or 'mse', got {loss!r}")
