@@ -238,3 +238,24 @@ def test_split_rejects_float_tokens() -> None:
     x = torch.zeros(2, 3)
     with pytest.raises(ValueError, match="int64 token ids"):
         Split(x, torch.zeros(2, dtype=torch.int64), x, torch.zeros(2, dtype=torch.int64), 3, 2, "bad", vocab_size=4)
+
+
+def test_modular_analysis_tiny_mode_writes_its_figure_and_numbers(tmp_path):
+    """analysis/modular.py (estimators on modular arithmetic): tiny mode runs every method on the same grid
+    and records, per run, validation accuracy over steps and the steps to 99%."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "analysis" / "modular.py"
+    spec = importlib.util.spec_from_file_location("analysis_modular", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = module.main(["--mode", "tiny", "--out", str(tmp_path)])
+    for ext in ("png", "pdf"):
+        assert (tmp_path / f"modular.{ext}").stat().st_size > 0
+    saved = json.loads((tmp_path / "modular.json").read_text())
+    assert [r["method"] for r in saved["runs"]] == ["identity", "kfac"] == [r["method"] for r in out["runs"]]
+    for r in saved["runs"]:
+        assert r["steps"] == [0, 3, 6] and len(r["val_accuracy"]) == 3 and not r["diverged"]
+        assert all(0.0 <= a <= 1.0 for a in r["val_accuracy"])
