@@ -11,6 +11,7 @@ Any (estimator, rule, scaling) triple from the registry is a ``torch.optim.Optim
 """
 from .adapters import LayerAdapter, UnsupportedLayer
 from .curvature import Curvature, Estimator
+from .divergence import Diverged
 from .hyper import HyperParameterError
 from .linalg import FactorizationError
 from .losses import LossMismatch
@@ -29,7 +30,7 @@ from . import nn
 __version__ = "0.1.0"
 
 __all__ = [
-    "optimizer", "CurvlabOptimizer", "CaptureWarning", "LossMismatch", "Estimator", "Curvature", "UpdateRule", "Plan", "Parameterization",
+    "optimizer", "CurvlabOptimizer", "CaptureWarning", "Diverged", "LossMismatch", "Estimator", "Curvature", "UpdateRule", "Plan", "Parameterization",
     "LayerAdapter", "Unit", "UnsupportedLayer", "FactorizationError", "HyperParameterError",
     "register_estimator", "register_rule", "register_scaling", "register_adapter", "load_plugins", "describe",
     "register_dataset", "register_model", "ESTIMATORS", "RULES", "SCALINGS", "ADAPTERS", "DATASETS", "MODELS",

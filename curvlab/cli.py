@@ -3,14 +3,32 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+
+def _print(text: str) -> int:
+    """Print to stdout; a reader that stops early (``curvlab list | head``) ends the output quietly (exit 0)."""
+    try:
+        print(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # the rest of the output (and Python's flush at exit) would hit the closed pipe again: send it nowhere
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="curvlab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="print the registered estimators, rules, scalings and layer adapters")
+    lst = sub.add_parser("list", help="print the registered components with their options, defaults and suggested "
+                         "settings; `curvlab list NAME` shows one with each option's meaning")
+    lst.add_argument("names", nargs="*", metavar="NAME",
+                     help="components (kfac, natural, mup, linear, digits, mlp, ...), kinds (estimators, ...) or "
+                          "'common'")
     chk = sub.add_parser("check", help="relative error of each estimator block against torch.func exact curvature")
     chk.add_argument("--estimator", default=None, help="one estimator (default: K-FAC exact cases + every estimator)")
     sub.add_parser("demo", help="the main job (see `curvlab demo --help`)", add_help=False)
@@ -37,10 +55,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args = parser.parse_args(argv)
     if args.command == "list":
-        from .registry import describe
+        from .listing import UnknownComponent, listing
         import curvlab  # noqa: F401  (registers built-ins)
         import curvlab.data, curvlab.models  # noqa: F401,E401  (register datasets and models)
-        print(describe())
+        try:
+            text = listing(args.names)
+        except UnknownComponent as err:
+            print(f"curvlab list: {err}", file=sys.stderr)
+            return 2
+        return _print(text)
     elif args.command == "check":
         from .check import run_default_check
         print(run_default_check(args.estimator))

@@ -16,6 +16,9 @@ Pinned names (later estimators and rules reuse them, never rename them):
 ``kl_clip``      kappa of the KL / trust-region clip (Ba et al. 2017), ``None`` = off
 =============== ========================================================================================
 
+Non-finite steps: ``nonfinite`` (``"skip"``/``"raise"``) and ``max_skipped_steps`` (skips in a row before
+:class:`curvlab.Diverged`, :mod:`curvlab.divergence`).
+
 Data parallelism (:mod:`curvlab.distributed`): ``data_parallel`` (``"auto"``/True/False) and
 ``data_parallel_refresh`` (``"replicated"``/``"distributed"``).
 
@@ -146,6 +149,9 @@ COMMON: dict[str, Option] = {
                      "precondition only these module names (None = every layer an adapter claims)"),
     "nonfinite": Option("skip", one_of("skip", "raise"),
                         "NaN/Inf in gradients or statistics: skip the step (logged) or raise"),
+    "max_skipped_steps": Option(10, lambda name, v: None if v is None else positive_int(name, v),
+                                "raise curvlab.Diverged after this many skipped (non-finite) steps in a row, or when "
+                                "step(closure)'s loss is NaN/Inf (None = never; curvlab.divergence)"),
     "data_parallel": Option("auto", _data_parallel,
                             "torch.distributed data parallelism (curvlab.distributed): 'auto' = on for a DDP model or "
                             "a process group of > 1 ranks; True = require a process group; False = this rank only"),

@@ -9,9 +9,10 @@ One step (``opt.step()`` after the user's ``loss.backward()``), at step counter 
    are recomputed with the current per-group ``damping`` (times the parameterization's multiplier);
 4. the rule returns a plan of updates, which is checked for NaN/Inf before anything is written.
 
-Skipped steps do not advance ``t``, and neither does a ``step()`` without any gradient. Parameters that no
-layer adapter claims get the first-order fallback (their direction is their gradient, with the same lr,
-momentum and weight decay); ``strict=True`` raises instead. ``coverage()`` says which parameter got what.
+Skipped steps do not advance ``t``, and neither does a ``step()`` without any gradient; ``max_skipped_steps``
+skips in a row, or a NaN/Inf loss from ``step(closure)``, raise :class:`curvlab.Diverged` (:mod:`curvlab.divergence`).
+Parameters that no layer adapter claims get the first-order fallback (their direction is their gradient, with the
+same lr, momentum and weight decay); ``strict=True`` raises instead. ``coverage()`` says which parameter got what.
 Statistics follow the capture contract of :mod:`curvlab.capture` (training passes only). A preconditioned
 layer that gets gradients but whose forward curvlab never saw in a training pass (used through its weight,
 called outside the model's forward) takes a first-order step while it has no curvature, with one
@@ -20,9 +21,8 @@ values set later through ``param_groups`` or a scheduler get the construction-ti
 """
 from __future__ import annotations
 
-import logging
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -33,6 +33,7 @@ from . import scalings as _scalings  # noqa: F401
 from .adapters import UnsupportedLayer, find_adapter
 from .capture import HookCapture
 from .distributed import DataParallel
+from .divergence import SkipStreak, check_closure_loss, nonfinite_units
 from .hyper import COMMON, merge_options, resolve
 from .kernels import all_finite as _finite
 from .linalg import NumericsEvent
@@ -41,8 +42,6 @@ from .profiling import Sections, section
 from .registry import ESTIMATORS, RULES, SCALINGS
 from .stats import LayerStats
 from .units import Unit
-
-log = logging.getLogger("curvlab")
 
 
 class CaptureWarning(UserWarning):
@@ -85,6 +84,7 @@ class CurvlabOptimizer(torch.optim.Optimizer):
         self._group_options = {k: opt for k, opt in options.items() if opt.per_group}
         self._warned_uncaptured: set[str] = set()
         self.skipped_steps = 0
+        self._streak = SkipStreak(self)                   # skips in a row -> curvlab.Diverged (curvlab.divergence)
         self._t = 0
         #: per-section step timing (:mod:`curvlab.profiling`); ``None`` = off
         self.sections: Sections | None = None
@@ -188,16 +188,14 @@ class CurvlabOptimizer(torch.optim.Optimizer):
         return self._t % self.config["stat_interval"] == 0
 
     # -- the step --------------------------------------------------------------------------------------
-    def _skip(self, reason: str) -> None:
+    def _skip(self, reason: str, layers: Iterable[str] = ()) -> None:
+        if self.capture:
+            self.capture.clear()
         if self.config["nonfinite"] == "raise":
-            if self.capture:
-                self.capture.clear()
             raise FloatingPointError(f"curvlab: {reason} (pass nonfinite='skip' to skip such steps)")
         self.skipped_steps += 1
         self.events.append(NumericsEvent("step", f"skipped step {self._t}: {reason}"))
-        log.warning("curvlab: skipped step %d: %s; parameters and curvature left unchanged", self._t, reason)
-        if self.capture:
-            self.capture.clear()
+        self._streak.skip(reason, layers)                  # logs the first skip in a row; raises curvlab.Diverged
 
     def _check_groups(self) -> None:
         """Validate the per-group hyper-parameters now (they may have been edited since construction)."""
@@ -274,7 +272,7 @@ class CurvlabOptimizer(torch.optim.Optimizer):
         new = self.dist.reduce_statistics(new, stats, {n: by_name[n].curvature for n in new})  # one collective
         bad = [name for name, s in new.items() if not _finite(s.values())]
         if bad:
-            self._skip(f"non-finite curvature statistics in layers {bad}")
+            self._skip(f"non-finite curvature statistics in layers {bad}", bad)
             return False
         for name, s in new.items():
             by_name[name].curvature.accumulate(s, self.config["ema_decay"])
@@ -304,6 +302,7 @@ class CurvlabOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+            check_closure_loss(self, loss)                  # NaN/Inf loss: curvlab.Diverged
         self._check_model_unchanged()
         self._check_groups()
         self.dist.reduce_gradients(self.units)              # raw model + process group only
@@ -314,7 +313,7 @@ class CurvlabOptimizer(torch.optim.Optimizer):
             return loss
         if not _finite([t for g in grads.values() for t in g]):          # one host sync for all gradients
             bad = [name for name, g in grads.items() if not _finite(g)]
-            self._skip(f"non-finite gradients in {bad}")
+            self._skip(f"non-finite gradients in {bad}", bad)
             return loss
         stat_step = self._is_stat_step()
         with section(self.sections, "statistics"):
@@ -327,7 +326,8 @@ class CurvlabOptimizer(torch.optim.Optimizer):
         with section(self.sections, "precondition"):
             plan = self.rule.plan(self.units, self.state, stats)
             if not _finite(plan.tensors()):
-                self._skip("the update rule produced non-finite updates")
+                bad = nonfinite_units(self.units, plan)
+                self._skip(f"the update rule produced non-finite updates in {bad}", bad)
                 return loss
             for p, key, value in plan.state:
                 self.state[p][key] = value
@@ -336,6 +336,7 @@ class CurvlabOptimizer(torch.optim.Optimizer):
         if self.capture:
             self.capture.clear()
         self._t += 1
+        self._streak.reset()
         return loss
 
     # -- inspection ------------------------------------------------------------------------------------

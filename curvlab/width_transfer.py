@@ -5,7 +5,8 @@ Optimization Effective Towards the Infinite Width", arXiv 2312.12226, Figure 6; 
 hidden and output weight layers, as the reference code's 3-layer MLP) once per (estimator, scaling, width, lr,
 seed) for a fixed number of epochs and records the final training loss (over the first ``eval_train`` training
 examples, after the last step) and the test accuracy. A run whose loss turns non-finite or exceeds
-``diverge_factor`` times its initial loss, or whose curvature cannot be factorized (``FactorizationError``), is
+``diverge_factor`` times its initial loss, or whose curvature cannot be factorized (``FactorizationError``) or
+whose optimizer raises :class:`curvlab.Diverged` (too many non-finite steps in a row), is
 stopped and recorded with ``final_loss = nan`` and ``diverged = True``; nothing raises. :func:`best_lr_shift`
 reduces the records to the best lr per width and the shift ``log2(best_lr(M_max) / best_lr(M_min))`` (also in
 grid steps) per (estimator, scaling): the number the paper's claim is about (muP: the optimum stays put, shift
@@ -182,6 +183,7 @@ def train_run(split: Any, estimator: str, scaling: str, width: int, lr: float, s
     """One run of the sweep (classification with ``loss`` in :data:`LOSSES`); returns its record (module doc)."""
     import curvlab
     from .data import batches
+    from .divergence import Diverged
     from .linalg import FactorizationError
     from .models import build_mlp
 
@@ -218,7 +220,7 @@ def train_run(split: Any, estimator: str, scaling: str, width: int, lr: float, s
                 break
             try:
                 opt.step()
-            except FactorizationError as err:         # blown-up statistics: a divergence, not a bug
+            except (FactorizationError, Diverged) as err:   # blown-up statistics: a divergence, not a bug
                 diverged, error = True, str(err)
                 break
             step += 1

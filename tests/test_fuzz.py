@@ -99,7 +99,8 @@ def corruptions(rng: random.Random, est: str, rule: str, scaling: str) -> list[t
            ("momentum", 1.0), ("momentum", -0.5), ("weight_decay", -1.0), ("ema_decay", 1.0), ("ema_decay", True),
            ("stat_interval", 0), ("stat_interval", 2.5), ("inv_interval", -3), ("inv_interval", "10"),
            ("fisher", "fishr"), ("fisher", None), ("loss", "xent"), ("kl_clip", 0.0), ("mc_samples", 0),
-           ("capture", "hook"), ("layers", "0"), ("nonfinite", "ignore"),
+           ("capture", "hook"), ("layers", "0"), ("nonfinite", "ignore"), ("max_skipped_steps", 0),
+           ("max_skipped_steps", 2.5),
            ("dampnig", 0.1), ("learning_rate", 0.1), ("momentun", 0.9)]
     options = {**curvlab.ESTIMATORS.get(est).options, **curvlab.RULES.get(rule).options,
                **curvlab.SCALINGS.get(scaling).options}

@@ -107,6 +107,8 @@ def run_main(argv: Sequence[str] | None = None) -> int:
     acc = s.get("final_test_accuracy")
     what = f"final test accuracy {acc:.4f}, epochs to {s['target_accuracy']:g}: {s.get('epochs_to_target') or '-'}" \
         if acc is not None else f"final test loss {s['final_test_loss']:.6g}"
+    if s.get("diverged"):
+        state += f" (DIVERGED after {s['steps']} steps: {s.get('diverged_reason')})"
     print(f"run {result.run_id} {state}: {what}, step {s['mean_step_ms']:.2f} ms "
           f"(refresh {s['refresh_ms_per_step']:.2f} ms/step) -> {result.run_dir}")
     return 0

@@ -17,6 +17,12 @@ A run directory ``<out>/<run_id>/`` holds, each file written atomically (:mod:`.
   bit for bit;
 * ``DONE``           the finished marker, written last. A directory without it is unfinished.
 
+Divergence: a run stops at once, mid-epoch, when a minibatch loss is NaN/Inf (single process) or the
+optimizer raises :class:`curvlab.Diverged` (``optimizer.max_skipped_steps`` skipped steps in a row); it is
+finished (``DONE``) with a last, partial-epoch row whose ``diverged`` key holds the message, and
+``summary.json`` says ``diverged: true`` with the message in ``diverged_reason`` (a loss evaluated non-finite
+at an epoch end also counts as diverged). A sweep records it and goes on with its next run.
+
 Reproducibility: the same resolved configuration gives the same metrics bit for bit on CPU (every key
 except :data:`TIMING_KEYS`): the data loaders use private generators, ``train.seed`` seeds the model
 initialization (global torch RNG), the batch order (a private generator) and the optimizer's MC sampler,
@@ -308,10 +314,11 @@ def _train(cfg: dict[str, Any], rid: str, rdir: Path | None, quiet: bool,
     label = cfg["name"] or f"{names['estimator']}/{names['rule']}"
     bar = tqdm(total=total, initial=step, desc=label, unit="step", disable=quiet or not ctx.is_main, leave=False,
                dynamic_ncols=True)
+    stopped: str | None = None                             # the divergence message that stopped the run
     try:
         for epoch in range(first, train["epochs"] + 1):
             model.train()
-            timer.total, step_time, loss_sum, seen = 0.0, 0.0, 0.0, 0
+            timer.total, step_time, loss_sum, seen, epoch_first = 0.0, 0.0, 0.0, 0, step
             epoch_start = time.perf_counter()
             for xb, yb in batches(x_tr, y_tr, batch, generator=generator):
                 factor = lr_factor(step, total, warmup, train["schedule"])
@@ -325,24 +332,33 @@ def _train(cfg: dict[str, Any], rid: str, rdir: Path | None, quiet: bool,
                 opt.zero_grad(set_to_none=True)
                 loss = _loss(task, model(xb), yb)
                 loss.backward()
-                opt.step()
+                value = float(loss.detach())
+                stopped = _nonfinite_loss(value, step, epoch, ctx)
+                if stopped is not None:
+                    break
+                try:
+                    opt.step()
+                except curvlab.Diverged as err:          # max_skipped_steps non-finite steps in a row
+                    stopped = str(err)
                 sync()
                 step_time += time.perf_counter() - start
                 step += 1
-                value = float(loss.detach())
                 loss_sum, seen = loss_sum + value * len(xb), seen + len(xb)
                 bar.update(1)
                 bar.set_postfix_str(f"epoch {epoch}/{train['epochs']} loss {value:.4f}", refresh=False)
+                if stopped is not None:
+                    break
             epoch_time = time.perf_counter() - epoch_start
             elapsed += epoch_time
             loss_sum, seen = ctx.all_sum([loss_sum, seen])
-            rows.append({**measure(epoch), "batch_loss": loss_sum / max(seen, 1),
+            rows.append({**measure(epoch), "batch_loss": loss_sum / seen if seen else None,
                          "lr": opt.param_groups[0]["lr"], "steps": step, "skipped_steps": opt.skipped_steps,
-                         "step_time_ms": 1e3 * step_time / per_epoch, "refresh_time_s": timer.total,
-                         "epoch_time_s": epoch_time, "time_s": elapsed})
+                         "step_time_ms": 1e3 * step_time / max(step - epoch_first, 1), "refresh_time_s": timer.total,
+                         "epoch_time_s": epoch_time, "time_s": elapsed,
+                         **({"diverged": stopped} if stopped is not None else {})})
             if rdir is not None and ctx.is_main:
                 write_jsonl(rdir / METRICS, rows)
-                if train["checkpoint"] and epoch < train["epochs"]:
+                if train["checkpoint"] and epoch < train["epochs"] and stopped is None:
                     atomic_torch_save(ckpt, {"run_id": rid, "epoch": epoch, "step": step, "elapsed": elapsed,
                                              "world_size": ctx.world_size,
                                              "metrics": rows, "model": net.state_dict(),
@@ -350,6 +366,8 @@ def _train(cfg: dict[str, Any], rid: str, rdir: Path | None, quiet: bool,
                                              "torch_rng": torch.get_rng_state()})
             for callback in callbacks if ctx.is_main else ():
                 callback(epoch, rows[-1])
+            if stopped is not None:
+                break
     finally:
         bar.close()
     summary = {**summarize(rows, cfg, rid, task, loss_name, split, opt), "world_size": ctx.world_size}
@@ -366,6 +384,16 @@ def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
+def _nonfinite_loss(value: float, step: int, epoch: int, ctx: DistContext) -> str | None:
+    """The divergence message of a NaN/Inf minibatch loss, else None. Under torchrun each rank sees only its own
+    share's loss, so there the stop comes from the optimizer (gradients are all-reduced, so every rank skips the
+    same steps and raises :class:`curvlab.Diverged` together)."""
+    if math.isfinite(value) or ctx.distributed:
+        return None
+    return (f"training diverged: the minibatch loss is {value} at step {step + 1} (epoch {epoch}); the run stopped "
+            "before that step's update. Lower optimizer.lr, raise optimizer.damping, or set optimizer.kl_clip")
+
+
 def summarize(rows: list[dict[str, Any]], cfg: dict[str, Any], rid: str, task: str, loss_name: str, split: Any,
               opt: Any) -> dict[str, Any]:
     """Final / best test accuracy, final train accuracy, epochs to ``train.target_accuracy`` (None if never
@@ -379,6 +407,10 @@ def summarize(rows: list[dict[str, Any]], cfg: dict[str, Any], rid: str, task: s
     cover = opt.coverage()
     last = trained[-1] if trained else rows[0]
     test_losses = [r["test_loss"] for r in rows if _finite(r["test_loss"])]
+    nonfinite = not all(_finite(r["train_loss"]) or r["train_loss"] is None for r in rows) \
+        or not _finite(last["test_loss"])
+    stopped = rows[-1].get("diverged") or ("a loss evaluated at the end of an epoch is not finite" if nonfinite
+                                           else None)
     hyper = {k: (list(v) if isinstance(v, tuple) else v) for k, v in opt.config.items()}
     return {
         "run_id": rid, "name": cfg["name"], **{k: cfg["optimizer"][k] for k in ("estimator", "rule", "scaling")},
@@ -396,8 +428,7 @@ def summarize(rows: list[dict[str, Any]], cfg: dict[str, Any], rid: str, task: s
         "refresh_fraction": refresh_s / step_s if step_s > 0 else None,
         "train_time_s": last["time_s"] or 0.0,
         "skipped_steps": opt.skipped_steps, "numerics_events": len(opt.events),
-        "diverged": not all(_finite(r["train_loss"]) or r["train_loss"] is None for r in rows)
-        or not _finite(last["test_loss"]),
+        "diverged": stopped is not None, "diverged_reason": stopped,
         "num_params": sum(c["numel"] for c in cover),
         "preconditioned_params": sum(c["numel"] for c in cover if c["preconditioned"]),
         "optimizer_config": hyper,

@@ -151,7 +151,9 @@ def run_sweep(cfg: Mapping[str, Any], out: str | Path, *, workers: int | None = 
             :func:`~curvlab.experiments.submitit_launcher.resolve_launcher`).
 
     A run that raises is recorded (``runs/<id>/error.txt``, ``SweepResult.failed``) and the sweep goes
-    on; it is retried, from its checkpoint, the next time. KeyboardInterrupt stops the sweep.
+    on; it is retried, from its checkpoint, the next time. A run that diverges is not an error: it stops at
+    once, is finished with ``diverged: true`` in its summary (:mod:`.runner`) and is not retried.
+    KeyboardInterrupt stops the sweep.
     """
     from tqdm.auto import tqdm
 
@@ -190,6 +192,10 @@ def run_sweep(cfg: Mapping[str, Any], out: str | Path, *, workers: int | None = 
         if error is None:
             ran.append(point.run_id)
             (runs_dir / point.run_id / "error.txt").unlink(missing_ok=True)
+            summary = runs_dir / point.run_id / "summary.json"
+            if summary.is_file() and (why := read_json(summary).get("diverged_reason")):
+                bar.write(f"run {point.run_id} ({point.config['name']}) diverged (recorded; the sweep goes on): "
+                          f"{why.split('. ')[0]}")
         else:
             text = error if isinstance(error, str) else "".join(traceback.format_exception(error))
             failed[point.run_id] = text

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from ..divergence import Diverged
 from ..linalg import FactorizationError
 
 __all__ = ["Trace", "train_traced", "batch_stream", "interleaved_step_times", "time_to_threshold", "format_table",
@@ -54,7 +55,7 @@ class Trace:
             seconds of the steps so far) and the keys returned by ``evaluate``.
         step_times: seconds of every timed step, in order.
         diverged: a training loss or an evaluated metric became NaN/Inf, or the optimizer raised
-            :class:`curvlab.linalg.FactorizationError` (training stopped there).
+            :class:`curvlab.linalg.FactorizationError` or :class:`curvlab.Diverged` (training stopped there).
         error: that error's message, if any.
     """
 
@@ -125,7 +126,8 @@ def train_traced(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Te
         progress: show a tqdm bar with the last loss.
 
     Training stops early, with ``diverged=True``, at the first non-finite training loss or metric or at a
-    :class:`~curvlab.linalg.FactorizationError` of the optimizer (a run blown up by a too-large lr).
+    :class:`~curvlab.linalg.FactorizationError` or :class:`curvlab.Diverged` of the optimizer (a run blown up by a
+    too-large lr).
     """
     if steps < 0 or eval_every < 1:
         raise ValueError(f"steps must be >= 0 and eval_every >= 1, got steps={steps}, eval_every={eval_every}")
@@ -157,7 +159,8 @@ def train_traced(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Te
         loss.backward()
         try:
             opt.step()
-        except FactorizationError as err:          # a blown-up run: statistics too large to factor
+        except (FactorizationError, Diverged) as err:   # a blown-up run (statistics too large to factor, or
+            # max_skipped_steps non-finite steps in a row)
             trace.error, loss = str(err), torch.tensor(math.nan)
         _sync(device)
         trace.step_times.append(time.perf_counter() - start)
