@@ -32,6 +32,7 @@ from . import rules as _rules  # noqa: F401
 from . import scalings as _scalings  # noqa: F401
 from .adapters import UnsupportedLayer, find_adapter
 from .capture import HookCapture
+from .damping import attach_adaptive
 from .distributed import DataParallel
 from .hyper import COMMON, merge_options, resolve
 from .kernels import all_finite as _finite
@@ -116,6 +117,8 @@ class CurvlabOptimizer(torch.optim.Optimizer):
         ) if needs & {"inputs", "fisher_grads", "real_grads"} else None
         if self.capture is not None and needs & {"fisher_grads", "real_grads"}:
             self.capture.check_loss = True            # the loss check of the first statistics step
+        attach_adaptive(self)      # .quadratic (rule="qmodel", curvlab.quadratic), .lm, .damping_history (damping)
+        self.rule.bind(self)
 
     # -- construction ----------------------------------------------------------------------------------
     def _build_units(self, model: nn.Module, strict: bool) -> list[Unit]:
@@ -237,6 +240,8 @@ class CurvlabOptimizer(torch.optim.Optimizer):
         super().zero_grad(set_to_none=set_to_none)
         if getattr(self, "capture", None) is not None:
             self.capture.discard()
+        if getattr(self, "quadratic", None) is not None:
+            self.quadratic.discard()
 
     def _check_loss(self) -> None:
         """The loss check of :func:`curvlab.losses.check_output_gradients` on this step's training passes."""
@@ -300,6 +305,8 @@ class CurvlabOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None):
+        if self.lm is not None:                             # adaptive damping needs the closure (curvlab.damping)
+            self.lm.check_closure(closure, self._t)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -329,6 +336,7 @@ class CurvlabOptimizer(torch.optim.Optimizer):
             if not _finite(plan.tensors()):
                 self._skip("the update rule produced non-finite updates")
                 return loss
+            pending = self.lm.predict(plan) if self.lm is not None and self.lm.due(self._t) else None
             for p, key, value in plan.state:
                 self.state[p][key] = value
             for p, delta in plan.updates:
@@ -336,6 +344,8 @@ class CurvlabOptimizer(torch.optim.Optimizer):
         if self.capture:
             self.capture.clear()
         self._t += 1
+        if pending is not None:
+            self.lm.adapt(pending, closure, loss)
         return loss
 
     # -- inspection ------------------------------------------------------------------------------------
@@ -377,6 +387,7 @@ class CurvlabOptimizer(torch.optim.Optimizer):
             "skipped_steps": self.skipped_steps,
             "curvature": {u.name: u.curvature.state_dict() for u in self.units if u.preconditioned},
             "capture": self.capture.state_dict() if self.capture else {},
+            "damping_history": list(self.damping_history),
         }
         return sd
 
@@ -400,6 +411,7 @@ class CurvlabOptimizer(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         self._bind_groups()
         self._t, self.skipped_steps = extra["step"], extra["skipped_steps"]
+        self.damping_history[:] = extra.get("damping_history", [])
         for unit in self.units:
             if unit.preconditioned:
                 unit.curvature.load_state_dict(extra["curvature"][unit.name])

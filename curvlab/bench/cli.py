@@ -42,6 +42,10 @@ TARGETS: list[tuple[tuple[int, ...], str, float | None]] = [
     ((1024,), "shampoo:inv_interval=100", 1.8),
     ((1024,), "shampoo:inv_interval=10", None),
     ((1024,), "identity/sngm", None),
+    # robust by default (curvlab.quadratic, curvlab.damping): the exact quadratic model's step and LM damping
+    ((1024,), "identity/qmodel", None),
+    ((1024,), "kfac/qmodel:fisher=empirical,stat_interval=1,inv_interval=10", None),
+    ((1024,), "kfac:fisher=empirical,stat_interval=1,inv_interval=10,damping_adapt=lm", None),
     ((64, 128), "identity/natural", None),
     ((64, 128), "isaac:isaac_fused=True", None),
     ((64, 128), "isaac:stat_interval=1,inv_interval=1", None),
