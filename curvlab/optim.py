@@ -7,7 +7,9 @@ One step (``opt.step()`` after the user's ``loss.backward()``), at step counter 
    which are checked for NaN/Inf for ALL layers before any curvature state changes, then EMA-folded;
 3. on refresh steps (``t % inv_interval == 0``, or when a layer's curvature is not ready yet) inverses
    are recomputed with the current per-group ``damping`` (times the parameterization's multiplier);
-4. the rule returns a plan of updates, which is checked for NaN/Inf before anything is written.
+4. the rule returns a plan of updates, which is checked for NaN/Inf before anything is written;
+5. with ``damping_adapt="lm"``, every ``damping_interval`` steps the closure of ``step(closure)`` is called once more
+   after the update (paused) and every group's damping is adapted from the reduction ratio (:mod:`curvlab.damping`).
 
 Skipped steps do not advance ``t``, and neither does a ``step()`` without any gradient. Parameters that no
 layer adapter claims get the first-order fallback (their direction is their gradient, with the same lr,

@@ -251,3 +251,18 @@ def test_lm_with_qmodel_trains_digits():
     print(f"kfac/qmodel + LM: {acc:.4f}; damping {dampings[0]:.3g} -> {dampings[-1]:.3g} "
           f"(min {min(dampings):.3g}, max {max(dampings):.3g}) over {len(dampings)} adaptations")
     assert acc >= 0.9 and opt.skipped_steps == 0 and dampings[-1] < 1.0
+
+
+@pytest.mark.parametrize("rule", curvlab.RULES.names())
+def test_lm_composes_with_every_rule(rule):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    hyper = {**curvlab.ESTIMATORS.get("kfac").suggested, **curvlab.RULES.get(rule).suggested}
+    opt = curvlab.optimizer(model, "kfac", rule, damping_adapt="lm", damping_interval=2, **hyper)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 5, generator=g), torch.randint(0, 3, (32,), generator=g)
+    for _ in range(6):
+        opt.step(closure_for(opt, model, x, y, loss_fn=F.cross_entropy))
+    assert [h["step"] for h in opt.damping_history] == [0, 2, 4] and opt.skipped_steps == 0
+    for h in opt.damping_history:    # a defined ratio, or the documented "no predicted decrease" event
+        assert math.isfinite(h["rho"]) or any("predicts no decrease" in str(e) for e in opt.events), h

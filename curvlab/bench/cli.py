@@ -120,6 +120,8 @@ def _cases(args: argparse.Namespace) -> list[tuple[int, list[int], list[Variant]
             for b in batches or sizes:
                 v = Variant.parse(spec)
                 vs, tg = cases.setdefault(b, ([], {}))
+                if any(u.label == v.label for u in vs):     # --batch: a spec listed for several sizes runs once
+                    continue
                 vs.append(v)
                 t = ISAAC_TARGETS.get(b) if v.hyper.get("isaac_fused") else target
                 if t is not None and (batches is None or b in sizes):
