@@ -19,6 +19,9 @@ Pinned names (later estimators and rules reuse them, never rename them):
 Non-finite steps: ``nonfinite`` (``"skip"``/``"raise"``) and ``max_skipped_steps`` (skips in a row before
 :class:`curvlab.Diverged`, :mod:`curvlab.divergence`).
 
+Adaptive damping (:mod:`curvlab.damping`, Martens & Grosse 2015 sec. 6.5): ``damping_adapt`` (None/``"lm"``),
+``damping_interval`` (T1), ``damping_omega``, ``damping_min``/``damping_max``, ``damping_thresholds``.
+
 Data parallelism (:mod:`curvlab.distributed`): ``data_parallel`` (``"auto"``/True/False) and
 ``data_parallel_refresh`` (``"replicated"``/``"distributed"``).
 
@@ -118,6 +121,28 @@ def boolean(name: str, value: Any) -> bool:
     return value
 
 
+def _optional_lm(name: str, value: Any) -> str | None:
+    return None if value is None else one_of("lm")(name, value)
+
+
+def _omega(name: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    v = _number(name, value)
+    if not 0.0 < v < 1.0:
+        raise HyperParameterError(f"{name} must lie in (0, 1) (or None for (19/20)^damping_interval), got {value!r}")
+    return v
+
+
+def _thresholds(name: str, value: Any) -> tuple[float, float]:
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
+        raise HyperParameterError(f"{name} must be a pair (low, high) of reduction ratios, got {value!r}")
+    low, high = (_number(name, v) for v in value)
+    if not low < high:
+        raise HyperParameterError(f"{name} must be (low, high) with low < high, got {value!r}")
+    return (low, high)
+
+
 def _data_parallel(name: str, value: Any) -> str | bool:
     if value in ("auto",) or isinstance(value, bool):
         return value
@@ -152,6 +177,15 @@ COMMON: dict[str, Option] = {
     "max_skipped_steps": Option(10, lambda name, v: None if v is None else positive_int(name, v),
                                 "raise curvlab.Diverged after this many skipped (non-finite) steps in a row, or when "
                                 "step(closure)'s loss is NaN/Inf (None = never; curvlab.divergence)"),
+    # Levenberg-Marquardt damping (Martens & Grosse 2015 sec. 6.5; curvlab.damping): needs opt.step(closure)
+    "damping_adapt": Option(None, _optional_lm, "None = fixed damping; 'lm' = Levenberg-Marquardt adaptation of "
+                            "every group's damping from the reduction ratio rho (needs opt.step(closure))"),
+    "damping_interval": Option(5, positive_int, "T1: adapt the damping on steps t % T1 == 0"),
+    "damping_omega": Option(None, _omega, "LM factor omega in (0, 1): rho > high -> damping * omega, rho < low -> "
+                            "damping / omega (None = (19/20)^damping_interval)"),
+    "damping_min": Option(1e-8, non_negative, "lower bound of the adapted damping"),
+    "damping_max": Option(1e6, positive, "upper bound of the adapted damping"),
+    "damping_thresholds": Option((0.25, 0.75), _thresholds, "(low, high) reduction-ratio thresholds of the LM rule"),
     "data_parallel": Option("auto", _data_parallel,
                             "torch.distributed data parallelism (curvlab.distributed): 'auto' = on for a DDP model or "
                             "a process group of > 1 ranks; True = require a process group; False = this rank only"),

@@ -7,7 +7,9 @@ One step (``opt.step()`` after the user's ``loss.backward()``), at step counter 
    which are checked for NaN/Inf for ALL layers before any curvature state changes, then EMA-folded;
 3. on refresh steps (``t % inv_interval == 0``, or when a layer's curvature is not ready yet) inverses
    are recomputed with the current per-group ``damping`` (times the parameterization's multiplier);
-4. the rule returns a plan of updates, which is checked for NaN/Inf before anything is written.
+4. the rule returns a plan of updates, which is checked for NaN/Inf before anything is written;
+5. with ``damping_adapt="lm"``, every ``damping_interval`` steps the closure of ``step(closure)`` is called once more
+   after the update (paused) and every group's damping is adapted from the reduction ratio (:mod:`curvlab.damping`).
 
 Skipped steps do not advance ``t``, and neither does a ``step()`` without any gradient; ``max_skipped_steps``
 skips in a row, or a NaN/Inf loss from ``step(closure)``, raise :class:`curvlab.Diverged` (:mod:`curvlab.divergence`).
@@ -32,6 +34,7 @@ from . import rules as _rules  # noqa: F401
 from . import scalings as _scalings  # noqa: F401
 from .adapters import UnsupportedLayer, find_adapter
 from .capture import HookCapture
+from .damping import attach_adaptive
 from .distributed import DataParallel
 from .divergence import SkipStreak, check_closure_loss, nonfinite_units
 from .hyper import COMMON, merge_options, resolve
@@ -116,6 +119,8 @@ class CurvlabOptimizer(torch.optim.Optimizer):
         ) if needs & {"inputs", "fisher_grads", "real_grads"} else None
         if self.capture is not None and needs & {"fisher_grads", "real_grads"}:
             self.capture.check_loss = True            # the loss check of the first statistics step
+        attach_adaptive(self)      # .quadratic (rule="qmodel", curvlab.quadratic), .lm, .damping_history (damping)
+        self.rule.bind(self)
 
     # -- construction ----------------------------------------------------------------------------------
     def _build_units(self, model: nn.Module, strict: bool) -> list[Unit]:
@@ -235,6 +240,8 @@ class CurvlabOptimizer(torch.optim.Optimizer):
         super().zero_grad(set_to_none=set_to_none)
         if getattr(self, "capture", None) is not None:
             self.capture.discard()
+        if getattr(self, "quadratic", None) is not None:
+            self.quadratic.discard()
 
     def _check_loss(self) -> None:
         """The loss check of :func:`curvlab.losses.check_output_gradients` on this step's training passes."""
@@ -298,6 +305,8 @@ class CurvlabOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None):
+        if self.lm is not None:                             # adaptive damping needs the closure (curvlab.damping)
+            self.lm.check_closure(closure, self._t)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -329,6 +338,7 @@ class CurvlabOptimizer(torch.optim.Optimizer):
                 bad = nonfinite_units(self.units, plan)
                 self._skip(f"the update rule produced non-finite updates in {bad}", bad)
                 return loss
+            pending = self.lm.predict(plan) if self.lm is not None and self.lm.due(self._t) else None
             for p, key, value in plan.state:
                 self.state[p][key] = value
             for p, delta in plan.updates:
@@ -337,6 +347,8 @@ class CurvlabOptimizer(torch.optim.Optimizer):
             self.capture.clear()
         self._t += 1
         self._streak.reset()
+        if pending is not None:
+            self.lm.adapt(pending, closure, loss)
         return loss
 
     # -- inspection ------------------------------------------------------------------------------------
@@ -378,6 +390,7 @@ class CurvlabOptimizer(torch.optim.Optimizer):
             "skipped_steps": self.skipped_steps,
             "curvature": {u.name: u.curvature.state_dict() for u in self.units if u.preconditioned},
             "capture": self.capture.state_dict() if self.capture else {},
+            "damping_history": list(self.damping_history),
         }
         return sd
 
@@ -401,6 +414,7 @@ class CurvlabOptimizer(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         self._bind_groups()
         self._t, self.skipped_steps = extra["step"], extra["skipped_steps"]
+        self.damping_history[:] = extra.get("damping_history", [])
         for unit in self.units:
             if unit.preconditioned:
                 unit.curvature.load_state_dict(extra["curvature"][unit.name])

@@ -168,3 +168,17 @@ def test_cli_transformer_rows_have_ratios_to_sgd_and_adamw(tmp_path, capsys):
         assert r["skipped_steps"] == 0 and r["ratio"] > 0
         assert abs(r["ratio_to_adamw"] - r["ratio"] / adamw["ratio"]) < 1e-12
     assert "over torch AdamW's" in capsys.readouterr().out
+
+
+def test_adaptive_damping_variants_step_with_a_closure():
+    """damping_adapt needs opt.step(closure): the harness passes one and charges the re-evaluation to the step."""
+    v = Variant.parse("kfac:damping_adapt=lm,damping_interval=3,stat_interval=1,inv_interval=2")
+    assert v.hyper["damping_adapt"] == "lm" and v.period == 6
+    assert Variant.parse("kfac/qmodel").period == 10 and Variant.parse("kfac:damping_adapt=lm").period == 10
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    rows = measure(model, x, y, [v, Variant.parse("kfac/qmodel:inv_interval=2")], repeats=1, clock="process")
+    assert [r["label"] for r in rows][1:] == [v.label, "kfac/qmodel [inv_interval=2]"]
+    for r in rows:
+        assert r["ratio"] > 0 and r["skipped_steps"] == 0 and r["breakdown_ms"]["forward_backward"] > 0

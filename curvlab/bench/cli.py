@@ -45,6 +45,10 @@ TARGETS: list[tuple[tuple[int, ...], str, float | None]] = [
     ((1024,), "shampoo:inv_interval=100", 1.8),
     ((1024,), "shampoo:inv_interval=10", None),
     ((1024,), "identity/sngm", None),
+    # robust by default (curvlab.quadratic, curvlab.damping): the exact quadratic model's step and LM damping
+    ((1024,), "identity/qmodel", None),
+    ((1024,), "kfac/qmodel:fisher=empirical,stat_interval=1,inv_interval=10", None),
+    ((1024,), "kfac:fisher=empirical,stat_interval=1,inv_interval=10,damping_adapt=lm", None),
     ((64, 128), "identity/natural", None),
     ((64, 128), "isaac:isaac_fused=True", None),
     ((64, 128), "isaac:stat_interval=1,inv_interval=1", None),
@@ -145,6 +149,8 @@ def _cases(args: argparse.Namespace) -> list[tuple[int, list[int], list[Variant]
             for b in batches or sizes:
                 v = Variant.parse(spec)
                 vs, tg = cases.setdefault(b, ([], {}))
+                if any(u.label == v.label for u in vs):     # --batch: a spec listed for several sizes runs once
+                    continue
                 vs.append(v)
                 t = ISAAC_TARGETS.get(b) if v.hyper.get("isaac_fused") else target
                 if t is not None and (batches is None or b in sizes):

@@ -145,8 +145,12 @@ class Variant:
 
     @property
     def period(self) -> int:
-        """Steps after which the schedule repeats: ``lcm(stat_interval, inv_interval)``."""
-        return math.lcm(int(self.hyper.get("stat_interval", 1)), int(self.hyper.get("inv_interval", 10)))
+        """Steps after which the schedule repeats: ``lcm(stat_interval, inv_interval)``, and ``damping_interval``
+        (default 5) when the damping adapts (its re-evaluations are charged at their real frequency too)."""
+        period = math.lcm(int(self.hyper.get("stat_interval", 1)), int(self.hyper.get("inv_interval", 10)))
+        if self.hyper.get("damping_adapt"):
+            period = math.lcm(period, int(self.hyper.get("damping_interval", 5)))
+        return period
 
     @classmethod
     def parse(cls, spec: str) -> "Variant":
@@ -183,7 +187,10 @@ def _loss_fn(loss: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
 class TimedStep:
     """One training step (zero_grad, forward, loss, backward, ``opt.step()``) on a private model copy.
 
-    Keeps the time spent in forward+backward (``fwd_bwd_s``) separately from the optimizer's step.
+    Keeps the time spent in forward+backward (``fwd_bwd_s``) separately from the optimizer's step. An optimizer
+    with ``damping_adapt`` (:mod:`curvlab.damping`) is stepped with ``opt.step(closure)``, the closure doing the
+    zero_grad, forward, loss and backward: its first call is the step's forward+backward, the re-evaluation after
+    the update on adaptation steps (inside :func:`curvlab.capture.paused`) is charged to the optimizer's step.
     """
 
     def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
@@ -192,6 +199,7 @@ class TimedStep:
         self.loss_fn, self.sync, self.clock = _loss_fn(loss), sync, clock
         self.fwd_bwd_s, self.calls = 0.0, 0
         self._initial = [p.detach().clone() for p in model.parameters()]
+        self.use_closure = bool(getattr(opt, "config", {}).get("damping_adapt"))
 
     def restore_parameters(self) -> None:
         """Put the parameters back to their initial values (in place; the optimizer state is kept), so that
@@ -201,6 +209,9 @@ class TimedStep:
                 p.copy_(p0)
 
     def __call__(self) -> None:
+        if self.use_closure:
+            self.opt.step(self.closure)
+            return
         self.opt.zero_grad(set_to_none=True)
         start = self.clock()
         self.loss_fn(self.model(self.x), self.y).backward()
@@ -209,6 +220,21 @@ class TimedStep:
         self.fwd_bwd_s += self.clock() - start
         self.calls += 1
         self.opt.step()
+
+    def closure(self) -> torch.Tensor:
+        """zero_grad, forward, loss, backward; returns the loss (``opt.step(closure)``)."""
+        from ..capture import is_paused
+
+        self.opt.zero_grad(set_to_none=True)
+        start = self.clock()
+        loss = self.loss_fn(self.model(self.x), self.y)
+        loss.backward()
+        if self.sync is not None:
+            self.sync()
+        if not is_paused():               # not the optimizer's re-evaluation after the update
+            self.fwd_bwd_s += self.clock() - start
+            self.calls += 1
+        return loss
 
     def reset(self) -> None:
         self.fwd_bwd_s, self.calls = 0.0, 0
@@ -235,7 +261,8 @@ def build_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, variants: li
         if v.label in steps:
             raise ValueError(f"two variants share the label {v.label!r}")
         m = copy.deepcopy(model)
-        opt = curvlab.optimizer(m, v.estimator, v.rule, v.scaling, **{**BENCH_DEFAULTS, "loss": loss, **v.hyper})
+        own = {"momentum": 0.0} if getattr(curvlab.RULES.get(v.rule), "quadratic_model", False) else {}  # mu: its own
+        opt = curvlab.optimizer(m, v.estimator, v.rule, v.scaling, **{**BENCH_DEFAULTS, **own, "loss": loss, **v.hyper})
         opt.sections = Sections(sync, now)
         steps[v.label] = TimedStep(m, opt, x, y, loss, sync, now)
     for label, (m, opt) in (extra or {}).items():

@@ -49,6 +49,10 @@ class UpdateRule:
                 f"{estimator.registry_name!r} does not provide; pick another estimator or rule"  # type: ignore
             )
 
+    def bind(self, optimizer: Any) -> None:
+        """Called once by the optimizer at the end of its construction (a rule that needs the optimizer's
+        quadratic model, events or step counter keeps them; ``rule="qmodel"``)."""
+
     def captures(self) -> set[str]:
         """Extra statistics the rule needs from the capture backend (see Estimator.captures)."""
         return set(self.every_step)
@@ -60,4 +64,4 @@ class UpdateRule:
         raise NotImplementedError
 
 
-from . import fop, natural, sngm  # noqa: E402,F401  (registers the built-in rules)
+from . import fop, natural, qmodel, sngm  # noqa: E402,F401  (registers the built-in rules)
