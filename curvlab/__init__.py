@@ -15,7 +15,8 @@ from .divergence import Diverged
 from .hyper import HyperParameterError
 from .linalg import FactorizationError
 from .losses import LossMismatch
-from .optim import CaptureWarning, CurvlabOptimizer, optimizer
+from .optim import CurvlabOptimizer, optimizer
+from .step_guards import CaptureWarning
 from .registry import (ADAPTERS, DATASETS, ESTIMATORS, MODELS, RULES, SCALINGS, describe, load_plugins,
                        register_adapter, register_dataset, register_estimator, register_model, register_rule,
                        register_scaling)

@@ -23,7 +23,6 @@ values set later through ``param_groups`` or a scheduler get the construction-ti
 """
 from __future__ import annotations
 
-import warnings
 from typing import Any, Callable, Iterable
 
 import torch
@@ -40,26 +39,11 @@ from .divergence import SkipStreak, check_closure_loss, nonfinite_units
 from .hyper import COMMON, merge_options, resolve
 from .kernels import all_finite as _finite
 from .linalg import NumericsEvent
-from .losses import check_output_gradients
 from .profiling import Sections, section
 from .registry import ESTIMATORS, RULES, SCALINGS
 from .stats import LayerStats
+from .step_guards import CaptureWarning, check_groups, check_loss, first_order_where_uncaptured
 from .units import Unit
-
-
-class CaptureWarning(UserWarning):
-    """A preconditioned layer got gradients without a captured forward; it falls back to first order."""
-
-
-def _user_stacklevel() -> int:
-    """``stacklevel`` of the first caller outside curvlab and torch (``step()`` is wrapped by torch's hooks)."""
-    import os
-    import sys
-    skip = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(torch.__file__)))
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_code.co_filename.startswith(skip):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 class CurvlabOptimizer(torch.optim.Optimizer):
@@ -202,39 +186,6 @@ class CurvlabOptimizer(torch.optim.Optimizer):
         self.events.append(NumericsEvent("step", f"skipped step {self._t}: {reason}"))
         self._streak.skip(reason, layers)                  # logs the first skip in a row; raises curvlab.Diverged
 
-    def _check_groups(self) -> None:
-        """Validate the per-group hyper-parameters now (they may have been edited since construction)."""
-        for i, group in enumerate(self.param_groups):
-            for key, opt in self._group_options.items():
-                if key in group:
-                    try:
-                        opt.check(key, group[key])
-                    except ValueError as exc:
-                        raise type(exc)(f"param_groups[{i}]: {exc}") from None
-
-    def _first_order_where_uncaptured(self, grads: dict, stats: dict[str, LayerStats], stat_step: bool) -> None:
-        """Units with gradients but no captured forward: first order while they have no curvature (one warning)."""
-        expected = self.capture is not None and (stat_step or bool(self.rule.every_step))
-        for unit in self.units:
-            unit.first_order_now = False
-            if not unit.preconditioned or unit.name not in grads:
-                continue
-            missing = expected and unit.name not in stats
-            first_order = ((missing and bool(self.rule.every_step))            # FOP needs this step's rows
-                           or (not unit.curvature.passthrough and not unit.curvature.ready))
-            if (missing or first_order) and unit.name not in self._warned_uncaptured:
-                why = (f"layer {unit.name!r} ({type(unit.module).__name__}) got gradients, but curvlab saw no forward "
-                       "of it in a training pass (a forward of the model whose backward reached .grad). It is "
-                       "probably used through its parameters instead of being called (nn.MultiheadAttention's "
-                       "out_proj: convert the model with curvlab.nn.convert), or called outside the model's forward, "
-                       "or its forward ran under torch.no_grad()/curvlab.capture.paused()")
-                if self.strict:
-                    raise RuntimeError(why + " (strict=True)")
-                self._warned_uncaptured.add(unit.name)
-                warnings.warn(why + "; it takes first-order steps while it has no curvature", CaptureWarning,
-                              stacklevel=_user_stacklevel())
-            unit.first_order_now = first_order
-
     def zero_grad(self, set_to_none: bool = True) -> None:
         """``torch.optim.Optimizer.zero_grad``; also forgets what the discarded training passes recorded."""
         super().zero_grad(set_to_none=set_to_none)
@@ -243,21 +194,10 @@ class CurvlabOptimizer(torch.optim.Optimizer):
         if getattr(self, "quadratic", None) is not None:
             self.quadratic.discard()
 
-    def _check_loss(self) -> None:
-        """The loss check of :func:`curvlab.losses.check_output_gradients` on this step's training passes."""
-        passes = [run for run in self.capture.training_passes() if run.output_grad is not None]
-        if not passes:
-            return
-        n_step = sum(run.batch_size for run in self.capture.training_passes())
-        uses_loss = "fisher_grads" in self._needs            # the configured loss shapes the Fisher vectors
-        for run in passes:
-            check_output_gradients(self.config["loss"], run.output, run.output_grad * n_step, loss_used=uses_loss)
-        self.capture.check_loss = False
-
     def _collect_stats(self) -> dict[str, LayerStats]:
         """This step's :class:`LayerStats` of every preconditioned layer that has any (and clears capture)."""
         if self.capture is not None and self.capture.check_loss:
-            self._check_loss()
+            check_loss(self)
         out = {}
         for unit in self.units:
             if not unit.preconditioned:
@@ -313,7 +253,7 @@ class CurvlabOptimizer(torch.optim.Optimizer):
                 loss = closure()
             check_closure_loss(self, loss)                  # NaN/Inf loss: curvlab.Diverged
         self._check_model_unchanged()
-        self._check_groups()
+        check_groups(self)
         self.dist.reduce_gradients(self.units)              # raw model + process group only
         grads = {u.name: g for u in self.units if (g := u.grads()) is not None}
         if not grads:                                       # nothing to step on: not a step
@@ -331,7 +271,7 @@ class CurvlabOptimizer(torch.optim.Optimizer):
                 return loss
         with section(self.sections, "refresh"):
             self.refresh(force=self._t % self.config["inv_interval"] == 0)
-        self._first_order_where_uncaptured(grads, stats, stat_step)
+        first_order_where_uncaptured(self, grads, stats, stat_step)
         with section(self.sections, "precondition"):
             plan = self.rule.plan(self.units, self.state, stats)
             if not _finite(plan.tensors()):
