@@ -10,10 +10,12 @@ Validation here is the held-out part of the table (there is no separate test set
     OMP_NUM_THREADS=2 python analysis/modular.py --mode quick --out out/modular     # ~10 minutes on 2 cores
     python analysis/modular.py --mode tiny --out /tmp/modular                       # seconds (the test suite)
 
-Writes ``modular.png``/``.pdf`` (validation accuracy over steps, one panel per method) and ``modular.json``.
+Writes ``modular.png``/``.pdf`` (validation accuracy over steps, one panel per method) and ``modular.json``;
+``modular_runs.json`` keeps every finished run, so a killed script resumes where it stopped.
 """
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -108,7 +110,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = dict(PRESETS[args.mode])
     methods = args.methods.split(",") if args.methods else cfg["methods"]
     split = load_modular(p=cfg["p"], train_fraction=0.5, seed=args.seed)
-    runs = [run(m, s, split, cfg, args.seed) for m in methods for s in cfg["scales"]]
+    out = Path(args.out)
+    partial = out / "modular_runs.json"                  # one entry per finished run: a killed script resumes
+    done = {(r["method"], r["scale"]): r for r in (json.loads(partial.read_text()) if partial.exists() else [])
+            if r.get("mode") == args.mode}
+    runs = []
+    for m in methods:
+        for s in cfg["scales"]:
+            r = done.get((m, s)) or {**run(m, s, split, cfg, args.seed), "scale": s, "mode": args.mode}
+            runs.append(r)
+            write_numbers(out, "modular_runs", list({(x["method"], x["scale"]): x
+                                                     for x in [*done.values(), *runs]}.values()))
     print(f"\n(a + b) mod {cfg['p']}, train on {len(split.x_train)} of {len(split.x_train) + len(split.x_test)} "
           f"equations, full batch, {cfg['steps']} steps, lr grid x {cfg['scales']}")
     print(f"{'method':<10} {'lr':>8} {'train->99%':>11} {'val->99%':>9} {'final val':>9} {'step ms':>8}")
@@ -116,7 +128,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         fmt = lambda v: "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.0f}"
         print(f"{r['method']:<10} {r['lr']:>8.3g} {fmt(r['train_steps_to_99']):>11} {fmt(r['steps_to_99']):>9} "
               f"{r['final_val_accuracy']:>9.3f} {r['step_ms']:>8.1f}{'  diverged' if r['diverged'] else ''}")
-    out = Path(args.out)
     plot(runs, methods, out, f"(a+b) mod {cfg['p']}, 2-layer transformer, {cfg['steps']} full-batch steps")
     numbers = {"mode": args.mode, "config": {**cfg, "weight_decay": WEIGHT_DECAY, "target": TARGET,
                                              "seed": args.seed, "methods": methods}, "runs": runs}
