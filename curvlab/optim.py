@@ -94,6 +94,9 @@ class CurvlabOptimizer(torch.optim.Optimizer):
         backend = HookCapture
         if self.config["capture"] == "backpack":
             from .backpack_capture import BackpackCapture as backend
+            if self.config["loss_terms_per_example"] is not None:
+                raise ValueError("loss_terms_per_example needs capture='hooks' (the BackPACK backend reads (N, C) "
+                                 "outputs, one loss term per example)")
         self.capture = backend(
             model, layers, loss=self.config["loss"], fisher=self.config["fisher"],
             mc_samples=self.config["mc_samples"], want_inputs="inputs" in needs,

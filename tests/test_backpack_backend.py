@@ -392,3 +392,9 @@ def benchmark_step_time(steps: int = 30) -> dict[str, float]:
 
 if __name__ == "__main__":
     benchmark_step_time()
+
+
+def test_loss_terms_per_example_needs_the_hook_backend():
+    with pytest.raises(ValueError, match="loss_terms_per_example needs capture='hooks'"):
+        curvlab.optimizer(nn.Sequential(nn.Linear(3, 2)), "kfac", "natural", capture="backpack",
+                          loss_terms_per_example=2)
