@@ -26,9 +26,9 @@ first ``num_eval`` examples) is recorded; the smoothed loss ``S`` is the trailin
   value (one factor omega per ``damping_interval`` steps), e.g. 1e-4 -> 1: 36 adaptations = 180 steps; the
   curvature sees a new damping at its next refresh (``inv_interval`` steps later at most).
 
-    OMP_NUM_THREADS=1 python analysis/damping.py --mode quick --out out/damping      # ~25 min on 1 CPU thread
+    OMP_NUM_THREADS=1 python analysis/damping.py --mode quick --out out/damping      # ~12 min on 1 CPU thread
     python analysis/damping.py --mode tiny --out /tmp/damping                        # seconds (the test suite)
-    python analysis/damping.py --mode quick --rule qmodel --estimators kfac --out out/damping_qmodel
+    OMP_NUM_THREADS=1 python analysis/damping.py --mode quick --rule qmodel --out out/damping_qmodel   # ~40 min
 
 ``--rule qmodel`` (lr 1.0, the rule's default; momentum is the rule's own) runs the same protocol with the rule the
 LM adaptation was designed for (Martens & Grosse 2015 sec. 6.5-7). Writes ``damping.png``/``.pdf`` (per
