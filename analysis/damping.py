@@ -1,0 +1,315 @@
+"""Adaptive (Levenberg-Marquardt) vs fixed damping: does ``damping_adapt="lm"`` reach the best fixed damping's loss?
+
+Claim under test ("robust by default"): started from a damping far too small (1e-4) or too large (1.0), K-FAC,
+Shampoo and MBF (estimators ``kfac``, ``shampoo``, ``miniblock``; rule ``natural``) with ``damping_adapt="lm"``
+reach, within 1.5x the steps, the training loss that the best damping of a FIXED grid reaches.
+
+Protocol (every run of an estimator alike): an MLP (784-256-256-10 ReLU in quick mode) on a subset of the MNIST
+training set, cross-entropy, batch 128, the same initialisation, optimizer seed and batch order (one
+``batch_stream`` seed), the closure loop ``opt.step(closure)`` for every run (fixed ones too), and the
+estimator's ``suggested`` hyper-parameters (lr, momentum, ema_decay, inv_interval) chosen once, not tuned on
+the outcome; only the damping differs (MBF: ``miniblock_mode="woodbury"``, window 1, as paper_figures/mbf.py; the
+auto mode would store 256 dense 257x257 blocks and costs 10x more per step here). The adaptive runs use the
+library defaults (``damping_interval`` 5, ``omega = (19/20)^5 = 0.774``, ``damping_min`` 1e-8, ``damping_max``
+1e6). Every ``eval_every`` steps (untimed) the mean loss on a FIXED evaluation subset of the training set (its
+first ``num_eval`` examples) is recorded; the smoothed loss ``S`` is the trailing mean of the last 3 evaluations.
+
+* fixed runs: ``steps`` steps (the budget ``B``); ``L* = min over the grid of S(B)`` (a diverged run scores inf),
+  the best fixed damping is its argmin and ``T* = `` the first evaluation step where that run's ``S <= L*``
+  (``<= B``; ``= B`` for a curve still going down);
+* adaptive runs (start 1e-4 and 1.0): ``budget_factor x B`` steps (2x, so ratios up to 2 are measured);
+  ``T = `` the first evaluation step with ``S <= L*``, ``ratio = T / T*``; the claim holds for a run when
+  ``ratio <= 1.5``. The table also gives the final loss (a run may reach L* and blow up later) and damping.
+* a run that raises :class:`curvlab.Diverged` (NaN/Inf loss, or 10 skipped steps in a row) or
+  :class:`~curvlab.linalg.FactorizationError` stops there (``diverged``); its curve ends.
+* ``steps_to_travel``: the fewest steps in which the LM rule can move the damping from the start to the best fixed
+  value (one factor omega per ``damping_interval`` steps), e.g. 1e-4 -> 1: 36 adaptations = 180 steps; the
+  curvature sees a new damping at its next refresh (``inv_interval`` steps later at most).
+
+    OMP_NUM_THREADS=1 python analysis/damping.py --mode quick --out out/damping      # ~12 min on 1 CPU thread
+    python analysis/damping.py --mode tiny --out /tmp/damping                        # seconds (the test suite)
+    OMP_NUM_THREADS=1 python analysis/damping.py --mode quick --rule qmodel --out out/damping_qmodel   # ~40 min
+
+``--rule qmodel`` (lr 1.0, the rule's default; momentum is the rule's own) runs the same protocol with the rule the
+LM adaptation was designed for (Martens & Grosse 2015 sec. 6.5-7). Writes ``damping.png``/``.pdf`` (per
+estimator: loss over steps, fixed grid thin and adaptive thick; damping and rho of the adaptive runs) and
+``damping.json`` (config, every run's curve and damping history, the table). Measured numbers: analysis/README.md.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import curvlab  # noqa: E402
+from curvlab.divergence import Diverged  # noqa: E402
+from curvlab.experiments.traces import batch_stream, format_table, time_to_threshold  # noqa: E402
+from curvlab.figures import mnist_or_fallback, paper_mode_parser, save_figure, write_numbers  # noqa: E402
+from curvlab.linalg import FactorizationError  # noqa: E402
+from curvlab.models import mlp  # noqa: E402
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {"num_train": 512, "num_eval": 256, "width": 32, "batch": 64, "steps": 20, "eval_every": 5,
+             "grid": [1e-4, 1e-2, 1.0], "starts": [1e-4, 1.0], "estimators": ["kfac", "shampoo", "miniblock"]},
+    "quick": {"num_train": 15000, "num_eval": 5000, "width": 256, "batch": 128, "steps": 800, "eval_every": 20,
+              "grid": [1e-4, 1e-3, 1e-2, 1e-1, 1.0], "starts": [1e-4, 1.0],
+              "estimators": ["kfac", "shampoo", "miniblock"]},
+    "full": {"num_train": 60000, "num_eval": 10000, "width": 512, "batch": 256, "steps": 3000, "eval_every": 50,
+             "grid": [1e-4, 1e-3, 1e-2, 1e-1, 1.0], "starts": [1e-4, 1.0],
+             "estimators": ["kfac", "shampoo", "miniblock"]},
+}
+BUDGET_FACTOR = 2.0      # adaptive runs get this many times the fixed budget (ratios up to 2 are measurable)
+CLAIM_RATIO = 1.5        # the claim: adaptive reaches L* within 1.5x the best fixed run's steps
+SMOOTH = 3               # trailing window (in evaluations) of the smoothed loss
+RHO_CLIP = 30.0          # the rho panel shows values clipped to [-30, 30] (-inf: a non-finite loss after the step)
+EXTRA = {"miniblock": {"miniblock_mode": "woodbury", "miniblock_window": 1}}
+
+
+def smooth(values: list[float], window: int = SMOOTH) -> list[float]:
+    """Trailing mean over the last ``window`` values (fewer at the start)."""
+    return [sum(values[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(values))]
+
+
+def hyper_for(estimator: str, rule: str) -> dict[str, Any]:
+    """The estimator's suggested hyper-parameters without its damping (the rule qmodel: lr 1.0, no momentum)."""
+    hyper = {k: v for k, v in curvlab.ESTIMATORS.get(estimator).suggested.items() if k != "damping"}
+    if rule == "qmodel":
+        hyper["lr"] = 1.0
+        hyper.pop("momentum", None)
+    return {**hyper, **EXTRA.get(estimator, {})}
+
+
+def train(estimator: str, rule: str, damping: float, adaptive: bool, data: dict[str, Any], cfg: dict[str, Any],
+          steps: int, seed: int) -> dict[str, Any]:
+    """One run in the closure loop; returns its evaluated curve and (adaptive) damping history."""
+    x, y, x_eval, y_eval = data["x"], data["y"], data["x_eval"], data["y_eval"]
+    torch.manual_seed(seed)
+    model = mlp(x.shape[1], cfg["width"], 2, data["classes"], "relu").to(x.device)
+    hyper = hyper_for(estimator, rule)
+    opt = curvlab.optimizer(model, estimator, rule, seed=seed, damping=damping,
+                            damping_adapt="lm" if adaptive else None, **hyper)
+
+    def evaluate() -> float:
+        with torch.no_grad(), curvlab.capture.paused():
+            return float(F.cross_entropy(model(x_eval), y_eval))
+
+    stream = batch_stream(x, y, cfg["batch"], seed)
+    curve_steps, losses, error = [0], [evaluate()], None
+    for step in range(1, steps + 1):
+        xb, yb = next(stream)
+
+        def closure():
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(xb), yb)
+            loss.backward()
+            return loss
+
+        try:
+            loss = opt.step(closure)
+        except (Diverged, FactorizationError) as err:
+            error = f"step {step}: {type(err).__name__}: {str(err).splitlines()[0][:300]}"
+            break
+        if not math.isfinite(float(loss.detach())):
+            error = f"step {step}: non-finite training loss"
+            break
+        if step % cfg["eval_every"] == 0 or step == steps:
+            curve_steps.append(step)
+            losses.append(evaluate())
+            if not math.isfinite(losses[-1]):
+                error = f"step {step}: non-finite evaluation loss"
+                break
+    history = [{k: h[k] for k in ("step", "rho", "damping", "damping_before", "h_before", "h_after", "predicted")}
+               for h in opt.damping_history]
+    return {"estimator": estimator, "rule": rule, "adaptive": adaptive, "start_damping": damping,
+            "lr": hyper["lr"], "steps": curve_steps, "loss": losses, "smoothed": smooth(losses),
+            "diverged": error is not None, "error": error, "steps_run": steps, "optimizer_steps": opt.step_count,
+            "skipped_steps": opt.skipped_steps, "final_damping": opt.param_groups[0]["damping"],
+            "damping_history": history}
+
+
+def final_smoothed(run: dict[str, Any]) -> float:
+    return math.inf if run["diverged"] or not run["smoothed"] else run["smoothed"][-1]
+
+
+def steps_to_travel(start: float, target: float, interval: int, omega: float) -> int:
+    """Fewest steps for the LM rule to move the damping from ``start`` to ``target`` (one factor per adaptation;
+    the adaptations are at steps 0, T1, 2 T1, ... and a change is seen by the next curvature refresh)."""
+    n = math.ceil(abs(math.log(target / start)) / -math.log(omega) - 1e-9)
+    return n * interval
+
+
+def summarize(estimator: str, fixed: list[dict[str, Any]], adaptive: list[dict[str, Any]], interval: int,
+              omega: float) -> dict[str, Any]:
+    """L*, the best fixed damping, T*, and per adaptive run its steps to L* and ratio."""
+    finals = [final_smoothed(r) for r in fixed]
+    best = min(range(len(fixed)), key=lambda i: finals[i])
+    target = finals[best]
+    result: dict[str, Any] = {"estimator": estimator, "target_loss": target if math.isfinite(target) else None,
+                              "best_damping": fixed[best]["start_damping"] if math.isfinite(target) else None,
+                              "fixed_final": {str(r["start_damping"]): f if math.isfinite(f) else None
+                                              for r, f in zip(fixed, finals)},
+                              "fixed_diverged": {str(r["start_damping"]): r["error"] for r in fixed if r["diverged"]},
+                              "rows": []}
+    best_steps = (time_to_threshold(fixed[best]["steps"], fixed[best]["smoothed"], target)
+                  if math.isfinite(target) else None)
+    result["best_steps"] = best_steps
+    for run in adaptive:
+        reached = (time_to_threshold(run["steps"], run["smoothed"], target)
+                   if math.isfinite(target) else None)
+        ratio = reached / best_steps if reached is not None and best_steps else None
+        rhos = [h["rho"] for h in run["damping_history"]]
+        moves = [h["damping"] / h["damping_before"] if h["damping_before"] else 1.0 for h in run["damping_history"]]
+        result["rows"].append({
+            "estimator": estimator, "start": run["start_damping"], "steps_to_L*": reached, "best_fixed_steps": best_steps,
+            "ratio": ratio, "within_1.5x": ratio is not None and ratio <= CLAIM_RATIO,
+            "final_loss": final_smoothed(run) if math.isfinite(final_smoothed(run)) else None,
+            "final_damping": run["final_damping"],
+            "min_damping": min([run["start_damping"]] + [h["damping"] for h in run["damping_history"]]),
+            "max_damping": max([run["start_damping"]] + [h["damping"] for h in run["damping_history"]]),
+            "best_fixed_damping": result["best_damping"],
+            "steps_to_travel": (steps_to_travel(run["start_damping"], result["best_damping"], interval, omega)
+                                if result["best_damping"] else None),
+            "adaptations": len(rhos), "down": sum(m < 1 for m in moves), "up": sum(m > 1 for m in moves),
+            "rho_nan": sum(1 for r in rhos if math.isnan(r)),
+            "median_rho": _median([r for r in rhos if math.isfinite(r)]),
+            "diverged_at": run["error"].split(":")[0] if run["diverged"] else None})
+    return result
+
+
+def _median(values: list[float]) -> float | None:
+    if not values:
+        return None
+    s = sorted(values)
+    return s[len(s) // 2] if len(s) % 2 else 0.5 * (s[len(s) // 2 - 1] + s[len(s) // 2])
+
+
+def plot(results: dict[str, dict[str, Any]], summaries: dict[str, dict[str, Any]], cfg: dict[str, Any],
+         out: Path, title: str) -> None:
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+
+    names = list(results)
+    fig = Figure(figsize=(4.3 * len(names), 8.4), layout="constrained")
+    axes = fig.subplots(3, len(names), squeeze=False)
+    cmap = colormaps["viridis"]
+    thick = {cfg["starts"][0]: "tab:red", cfg["starts"][-1]: "tab:blue"}
+    budget = cfg["steps"]
+    for j, est in enumerate(names):
+        res, summ = results[est], summaries[est]
+        ax_loss, ax_damp, ax_rho = axes[0][j], axes[1][j], axes[2][j]
+        for k, run in enumerate(res["fixed"]):
+            color = cmap(k / max(1, len(res["fixed"]) - 1))
+            label = f"fixed {run['start_damping']:g}" + (" (div.)" if run["diverged"] else "")
+            ax_loss.plot(run["steps"], run["smoothed"], lw=0.9, color=color, label=label)
+            ax_damp.axhline(run["start_damping"], lw=0.6, ls=":", color=color)
+        for run in res["adaptive"]:
+            color = thick.get(run["start_damping"], "black")
+            label = f"LM from {run['start_damping']:g}" + (" (div.)" if run["diverged"] else "")
+            ax_loss.plot(run["steps"], run["smoothed"], lw=2.4, color=color, label=label, alpha=0.85)
+            hist = run["damping_history"]
+            ax_damp.plot([0] + [h["step"] + 1 for h in hist], [run["start_damping"]] + [h["damping"] for h in hist],
+                         lw=2, color=color, label=label)
+            ax_rho.plot([h["step"] + 1 for h in hist], [min(max(h["rho"], -RHO_CLIP), RHO_CLIP) for h in hist], ".",
+                        ms=3, color=color, label=label)
+        if summ["target_loss"] is not None:
+            ax_loss.axhline(summ["target_loss"], color="grey", lw=0.6, ls="--")
+            ax_loss.axvline(CLAIM_RATIO * (summ["best_steps"] or budget), color="grey", lw=0.6, ls=":")
+        ax_loss.axvline(budget, color="grey", lw=0.6)
+        ax_loss.set_yscale("log")
+        start = res["fixed"][0]["loss"][0]                 # every run starts from the same initialisation
+        finite = [v for run in res["fixed"] + res["adaptive"] for v in run["smoothed"] if math.isfinite(v)]
+        ax_loss.set_ylim(0.8 * min(finite), 3 * start)     # blown-up runs leave the panel at the top
+        ax_loss.set_title(f"{est} ({res['rule']}, lr {res['lr']:g})"
+                          + (f"\nL* = {summ['target_loss']:.4f} (fixed {summ['best_damping']:g} at {summ['best_steps']})"
+                             if summ["target_loss"] is not None else "\nevery fixed run diverged"), fontsize=9)
+        ax_loss.set_ylabel("train loss (eval subset, smoothed)")
+        ax_loss.legend(fontsize=6)
+        ax_damp.set_yscale("log")
+        ax_damp.set_ylabel("damping (dotted: fixed grid)")
+        ax_damp.legend(fontsize=6)
+        ax_rho.set_yscale("symlog", linthresh=0.1)
+        for level in (0.25, 0.75, 1.0):
+            ax_rho.axhline(level, color="grey", lw=0.5, ls="--" if level != 1.0 else "-")
+        ax_rho.set_ylim(-1.2 * RHO_CLIP, 1.2 * RHO_CLIP)
+        ax_rho.set_ylabel(f"rho (symlog, clipped at +-{RHO_CLIP:g}; NaN not shown)", fontsize=8)
+        for ax in (ax_loss, ax_damp, ax_rho):
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=9)
+    save_figure(fig, out, "damping")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = paper_mode_parser(__doc__.split("\n\n")[0], "out/damping")
+    p.add_argument("--estimators", default=None, help="comma-separated (default: kfac,shampoo,miniblock)")
+    p.add_argument("--rule", default="natural", choices=("natural", "qmodel"))
+    p.add_argument("--steps", type=int, default=None, help="fixed budget B (default by mode)")
+    args = p.parse_args(argv)
+    cfg = dict(PRESETS[args.mode])
+    if args.estimators:
+        cfg["estimators"] = args.estimators.split(",")
+    if args.steps:
+        cfg["steps"] = args.steps
+    device = torch.device(args.device)
+    split, name = mnist_or_fallback(args.data_dir, num_train=cfg["num_train"], num_test=1)
+    x, y = split.x_train.flatten(1).to(device), split.y_train.to(device)
+    data = {"x": x, "y": y, "x_eval": x[:cfg["num_eval"]], "y_eval": y[:cfg["num_eval"]],
+            "classes": split.num_classes}
+    defaults = curvlab.hyper.COMMON
+    interval = defaults["damping_interval"].default
+    omega = (19 / 20) ** interval
+    adaptive_steps = int(BUDGET_FACTOR * cfg["steps"])
+    print(f"[{args.mode}] {name}: {len(x)} training examples (eval subset {len(data['x_eval'])}), MLP "
+          f"{x.shape[1]}-{cfg['width']}-{cfg['width']}-{split.num_classes} ReLU, batch {cfg['batch']}, rule "
+          f"{args.rule}; fixed grid {cfg['grid']} for {cfg['steps']} steps, LM from {cfg['starts']} for "
+          f"{adaptive_steps} steps (interval {interval}, omega {omega:.4f})")
+    results, summaries = {}, {}
+    for est in cfg["estimators"]:
+        fixed = []
+        for d in cfg["grid"]:
+            fixed.append(train(est, args.rule, d, False, data, cfg, cfg["steps"], args.seed))
+            print(f"  {est} fixed {d:g}: final smoothed loss {final_smoothed(fixed[-1]):.4g}"
+                  + (f"  [{fixed[-1]['error']}]" if fixed[-1]["diverged"] else ""), flush=True)
+        adaptive = []
+        for d in cfg["starts"]:
+            adaptive.append(train(est, args.rule, d, True, data, cfg, adaptive_steps, args.seed))
+            print(f"  {est} LM from {d:g}: final smoothed loss {final_smoothed(adaptive[-1]):.4g}, damping "
+                  f"{adaptive[-1]['final_damping']:.3g}" + (f"  [{adaptive[-1]['error']}]" if adaptive[-1]["diverged"]
+                                                           else ""), flush=True)
+        results[est] = {"lr": fixed[0]["lr"], "rule": args.rule, "hyper": hyper_for(est, args.rule),
+                        "fixed": fixed, "adaptive": adaptive}
+        summaries[est] = summarize(est, fixed, adaptive, interval, omega)
+    rows = [r for s in summaries.values() for r in s["rows"]]
+    print(f"\nL* = the best fixed damping's final smoothed loss after {cfg['steps']} steps; ratio = adaptive steps to "
+          f"L* / the best fixed run's steps to L*; claim: ratio <= {CLAIM_RATIO}")
+    print(format_table(rows, ["estimator", "start", "steps_to_L*", "best_fixed_steps", "ratio", "within_1.5x",
+                              "final_damping", "final_loss", "best_fixed_damping", "steps_to_travel", "down", "up",
+                              "rho_nan", "median_rho", "diverged_at"]))
+    print("\nfixed grid, final smoothed loss ('-' = diverged):")
+    grid_rows = [{"estimator": est, "L*": s["target_loss"], **{f"{d:g}": s["fixed_final"][str(d)] for d in cfg["grid"]}}
+                 for est, s in summaries.items()]
+    print(format_table(grid_rows, ["estimator", "L*"] + [f"{d:g}" for d in cfg["grid"]]))
+    out = Path(args.out)
+    plot(results, summaries, cfg, out, f"{name}, MLP width {cfg['width']}, batch {cfg['batch']}: fixed damping "
+                                       f"({cfg['steps']} steps) vs LM adaptive ({adaptive_steps} steps), rule {args.rule}")
+    numbers = {"mode": args.mode, "dataset": name,
+               "config": {**cfg, "rule": args.rule, "seed": args.seed, "budget_factor": BUDGET_FACTOR,
+                          "adaptive_steps": adaptive_steps, "claim_ratio": CLAIM_RATIO, "smooth_window": SMOOTH,
+                          "damping_interval": interval, "damping_omega": omega,
+                          "damping_min": defaults["damping_min"].default,
+                          "damping_max": defaults["damping_max"].default, "activation": "relu", "depth": 2,
+                          "loss": "cross_entropy", "num_train_used": len(x)},
+               "estimators": results, "summary": summaries, "table": rows}
+    write_numbers(out, "damping", numbers)
+    print(f"wrote {out}/damping.png, .pdf, .json")
+    return numbers
+
+
+if __name__ == "__main__":
+    main()
