@@ -121,7 +121,7 @@ def coord_check(estimator: str = "kfac", scaling: str = "mup", widths: Sequence[
         raise ValueError(f"steps and seeds must be integers >= 1, got steps={steps!r}, seeds={seeds!r}")
     est_cls, scaling_cls = ESTIMATORS.get(estimator), SCALINGS.get(scaling)
     config: dict[str, Any] = {**DEFAULTS[""], **DEFAULTS.get(est_cls.registry_name, {})}
-    config.update(momentum=0.0, ema_decay=0.0, inv_interval=1, stat_interval=1, loss=loss)
+    config.update(momentum=0.0, ema_decay=0.0, inv_interval=1, stat_interval=1, loss=loss, kl_clip=None)  # raw step
     if "type2" in est_cls.fisher_types:
         config["fisher"] = "type2"
     config.update(hyper)

@@ -100,10 +100,20 @@ class Estimator:
     * ``options``: extra hyper-parameters (:class:`curvlab.hyper.Option`) it accepts;
     * ``fisher_types``: the ``fisher`` values it supports;
     * ``provides``: the operations its curvatures implement (rules check ``requires`` against it);
-    * ``suggested``: starting hyper-parameters known to train small problems.
+    * ``suggested``: starting hyper-parameters known to train small problems;
+    * ``defaults``: what this estimator sets for options the user does not pass (over the COMMON defaults and
+      the option tables; ``kl_clip`` only reaches rules with ``trust_region = True``); ``rule_defaults``: the same
+      for one rule by name, over the rule's own defaults (:func:`curvlab.hyper.declared_defaults`).
     """
 
     options: dict[str, Option] = {}
+    #: Defaults that train without tuning (README "Defaults"): a trust region, the KL clip of Ba, Grosse & Martens
+    #: (2017) at kfac-pytorch's kappa, for every curvature estimator (plugins inherit it) under the rules that apply
+    #: it. Without it K-FAC's first step at damping 1e-3 moves each layer of the digits MLP 64-128-128-10 by 75-106%
+    #: of its weights and the run is NaN by step 5 (README "Defaults" for the measurements).
+    defaults: dict[str, Any] = {"kl_clip": 1e-3}
+    #: ``{rule name: defaults}``: this estimator's defaults for one rule (over the rule's ``defaults``)
+    rule_defaults: dict[str, dict[str, Any]] = {}
     #: Known-good starting hyper-parameters for small classification problems (digits MLP/CNN, batch 64);
     #: the registry-wide training test and the demo use them. A plugin estimator should set its own.
     suggested: dict[str, Any] = {"lr": 0.05, "damping": 0.1, "momentum": 0.5}

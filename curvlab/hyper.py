@@ -27,6 +27,23 @@ Data parallelism (:mod:`curvlab.distributed`): ``data_parallel`` (``"auto"``/Tru
 
 Components declare extra options with :class:`Option`; :func:`resolve` validates the union and raises
 ``ValueError``/``TypeError`` naming the argument.
+
+Defaults (README "Defaults"). The table above holds the COMMON defaults; each component of the triple may
+override them for options the user did not pass (:func:`declared_defaults`, later wins)::
+
+    COMMON  <  estimator (its option table, then ``Estimator.defaults``; ``kl_clip`` only if the rule has
+               ``trust_region = True``)  <  rule (option table, ``UpdateRule.defaults``)
+            <  ``Estimator.rule_defaults[rule]``  <  scaling (``Parameterization.defaults_for``)  <  what you pass
+
+so ``curvlab.optimizer(model, estimator, rule, scaling)`` with nothing else trains (the built-in triples on MLPs and
+small CNNs, digits and MNIST; ``tests/test_defaults_train.py``). The mechanism, chosen from measurements
+(``analysis/defaults.py``, README "Defaults"): a trust region on by default -- ``kl_clip = 1e-3`` (Ba, Grosse &
+Martens 2017; kfac-pytorch's default) for every curvature estimator under the rules that apply it (``natural``,
+``fop``; ``qmodel`` uses its own ``1e-2`` on the final update) -- plus per-component defaults where an estimator's
+or a rule's hyper-parameters mean something else (ISAAC's ``damping`` is lambda_a; SNGM's and LARS's ``lr`` is a
+step length; Shampoo's step has O(1) singular values; identity is momentum SGD). ``suggested`` (the best-known
+settings, used by the demo and the run configs) is a separate table. ``CurvlabOptimizer.component_defaults``
+lists what the components set for a given optimizer.
 """
 from __future__ import annotations
 
@@ -210,6 +227,32 @@ def resolve(given: Mapping[str, Any], options: Mapping[str, Option]) -> dict[str
             raise HyperParameterError(f"unknown hyper-parameter {key!r}.{hint} Accepted: {', '.join(sorted(options))}.")
     for key, opt in options.items():
         out[key] = opt.check(key, given[key]) if key in given else opt.default
+    return out
+
+
+def declared_defaults(estimator: type, rule: type, scaling: type, config: Mapping[str, Any]) -> dict[str, Any]:
+    """The defaults the components of an (estimator, rule, scaling) triple declare, merged by precedence.
+
+    ``estimator.defaults`` (without ``kl_clip`` unless ``rule.trust_region``; an option the rule's or the scaling's
+    option table declares is left to that table), then ``rule.defaults``, then ``estimator.rule_defaults.get(rule
+    name)``, then ``scaling.defaults_for(estimator name, rule name, config)``; each later table wins. ``config`` is
+    the configuration resolved without them (the user's values and the option tables' defaults), for defaults that
+    depend on another option (muP's ``mup_damping``). Values are validated by :func:`resolve` like the user's; the
+    caller lets the user's values win.
+    """
+    est_name, rule_name = getattr(estimator, "registry_name", ""), getattr(rule, "registry_name", "")
+    out = dict(getattr(estimator, "defaults", {}) or {})
+    if not getattr(rule, "trust_region", False):
+        out.pop("kl_clip", None)          # a rule that does not apply the KL clip never gets it by default
+    for key in getattr(rule, "options", {}):
+        out.pop(key, None)                # a rule's own option table sits at the rule's level (qmodel's lr)
+    out.update(getattr(rule, "defaults", {}) or {})
+    out.update((getattr(estimator, "rule_defaults", {}) or {}).get(rule_name, {}))
+    for key in getattr(scaling, "options", {}):
+        out.pop(key, None)
+    by_scaling = getattr(scaling, "defaults_for", None)
+    if by_scaling is not None:
+        out.update(by_scaling(est_name, rule_name, config) or {})
     return out
 
 

@@ -4,7 +4,9 @@
 the top, then per kind (estimators, rules, scalings, adapters, datasets, models) each component's one-line
 summary, its options with their defaults (the :class:`curvlab.hyper.Option` table a component declares as its
 ``options`` class attribute; for datasets and models, the keyword arguments of the registered function, which a
-run config's ``[data]`` / ``[model]`` table sets) and, for estimators and rules, their ``suggested`` settings.
+run config's ``[data]`` / ``[model]`` table sets) and, for estimators and rules, the ``defaults`` they set for
+options you do not pass (README "Defaults"; :func:`curvlab.hyper.declared_defaults`) and their ``suggested``
+settings.
 ``curvlab list NAME ...`` prints just those components (any kind; ``common`` for the common options, or a kind
 such as ``estimators``) with each option's meaning. An unknown name is an error that lists the names.
 """
@@ -75,6 +77,27 @@ def _extras(kind: str, obj: Any) -> dict[str, str]:
     return {}
 
 
+def _declared(kind: str, obj: Any) -> list[tuple[str, str]]:
+    """``(label, text)`` of the defaults a component declares over the common ones (README "Defaults")."""
+    if kind == "scaling" and isinstance(obj, type):
+        config = {k: o.default for k, o in (getattr(obj, "options", {}) or {}).items()}
+        return [(f"defaults with estimator {est}: ", _pairs(extra)) for est in ESTIMATORS.names()
+                if (extra := obj.defaults_for(est, "natural", config))]
+    if kind not in ("estimator", "rule") or not isinstance(obj, type):
+        return []
+    out = []
+    table = dict(getattr(obj, "defaults", {}) or {})
+    if kind == "estimator" and "kl_clip" in table:
+        table["kl_clip"] = f"{_value(table['kl_clip'])} (with rules that apply it)"
+    if table:
+        out.append(("defaults: ", ", ".join(f"{k}={v if isinstance(v, str) else _value(v)}" for k, v in table.items())))
+    for rule, extra in (getattr(obj, "rule_defaults", {}) or {}).items():
+        out.append((f"defaults with rule {rule}: ", _pairs(extra)))
+    if kind == "rule" and getattr(obj, "trust_region", False):
+        out.append(("trust region: ", "applies kl_clip (an estimator's default kl_clip reaches it)"))
+    return out
+
+
 def _brief(kind: str, name: str, obj: Any) -> list[str]:
     """The lines of one component in the full listing: summary, options=defaults, suggested."""
     lines = _wrap(_summary(obj), PAD, "")
@@ -85,6 +108,8 @@ def _brief(kind: str, name: str, obj: Any) -> list[str]:
         lines += _wrap(_pairs({k: o.default for k, o in opts.items()}), PAD, f"{label}: ")
     if kind == "adapter":
         lines += _wrap(_extras(kind, obj)["layers"], PAD, "layers: ")
+    for label, text in _declared(kind, obj):
+        lines += _wrap(text, PAD, label)
     if kind in ("estimator", "rule") and getattr(obj, "suggested", None):
         lines += _wrap(_pairs(obj.suggested), PAD, "suggested: ")
     return lines
@@ -112,6 +137,8 @@ def _detail(kind: str, name: str, obj: Any) -> list[str]:
         lines += [f"  {label}:", *_option_lines(opts, 4)]
     else:
         lines.append(f"  {label}: none of its own")
+    for head, text in _declared(kind, obj):
+        lines += _wrap(text, 2, head)
     if kind in ("estimator", "rule"):
         sug = getattr(obj, "suggested", None) or {}
         text = _pairs(sug) if sug else "-"
@@ -124,7 +151,8 @@ def _detail(kind: str, name: str, obj: Any) -> list[str]:
 
 
 def _common(detail: bool) -> list[str]:
-    head = "common options (every optimizer accepts them; curvlab.hyper.COMMON):"
+    head = ("common options (every optimizer accepts them; curvlab.hyper.COMMON; estimators, rules and scalings "
+            "may set other defaults, listed with them):")
     if detail:
         return [head, *_option_lines(COMMON, 2)]
     return [head, *_wrap(_pairs({k: o.default for k, o in COMMON.items()}), 2)]

@@ -36,7 +36,7 @@ from .capture import HookCapture
 from .damping import attach_adaptive
 from .distributed import DataParallel
 from .divergence import SkipStreak, check_closure_loss, nonfinite_units
-from .hyper import COMMON, merge_options, resolve
+from .hyper import COMMON, declared_defaults, merge_options, resolve
 from .kernels import all_finite as _finite
 from .linalg import NumericsEvent
 from .profiling import Sections, section
@@ -55,7 +55,14 @@ class CurvlabOptimizer(torch.optim.Optimizer):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         est_cls, rule_cls, scaling_cls = ESTIMATORS.get(estimator), RULES.get(rule), SCALINGS.get(scaling)
         options = merge_options(COMMON, est_cls.options, rule_cls.options, scaling_cls.options)
-        self.config = resolve(hyper, options)
+        declared = declared_defaults(est_cls, rule_cls, scaling_cls, resolve(hyper, options))
+        unknown = sorted(set(declared) - set(options))
+        if unknown:
+            raise TypeError(f"the defaults declared by estimator {estimator!r}, rule {rule!r} or scaling {scaling!r} "
+                            f"name unknown options {unknown}; fix the component's defaults table")
+        #: what the components set for options you did not pass (README "Defaults"; :mod:`curvlab.hyper`)
+        self.component_defaults = {k: v for k, v in declared.items() if k not in hyper}
+        self.config = resolve({**self.component_defaults, **hyper}, options)
         if self.config["fisher"] not in est_cls.fisher_types:
             raise ValueError(f"estimator {estimator!r} supports fisher in {est_cls.fisher_types}, "
                              f"got fisher={self.config['fisher']!r}")
@@ -371,5 +378,8 @@ def optimizer(model: nn.Module, estimator: str = "kfac", rule: str = "natural", 
 
     Hyper-parameters use the pinned names of :mod:`curvlab.hyper` plus the options each component
     declares; unknown names or invalid values raise ``TypeError`` / ``ValueError`` naming the argument.
+    What you do not pass comes from the components' defaults, which train without tuning (README "Defaults":
+    e.g. ``kl_clip=1e-3`` for curvature estimators under ``natural``/``fop``); ``opt.component_defaults`` lists
+    them. ``curvlab.ESTIMATORS.get(name).suggested`` holds the best-known settings instead.
     """
     return CurvlabOptimizer(model, estimator, rule, scaling, **hyper)

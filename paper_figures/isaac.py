@@ -74,7 +74,7 @@ METHODS: list[dict[str, Any]] = [
     {"label": "SGD", "optimizer": "identity", "lr": 0.1, "momentum": 0.0},
     {"label": "ISAAC", "optimizer": "isaac", "lr": 0.1, "damping": 10.0, "momentum": 0.0},
     {"label": "K-FAC", "optimizer": "kfac", "lr": 0.1, "damping": 0.1, "momentum": 0.0, "ema_decay": 0.95,
-     "inv_interval": 10},
+     "inv_interval": 10, "kl_clip": None},
 ]
 COLUMNS = ("method", "lr", "final_test_accuracy", "final_train_loss", "ms_per_step", "step_time_vs_SGD",
            "bench_ms_per_step", "bench_vs_SGD", "steps_to_threshold", "s_to_threshold", "diverged_seeds")

@@ -86,11 +86,11 @@ MODES: dict[str, dict[str, Any]] = {
 METHODS: list[dict[str, Any]] = [
     {"label": "Adam", "optimizer": "adam", "lr": 1e-3},
     {"label": "K-FAC", "optimizer": "kfac", "lr": 1e-2, "damping": 1e-2, "momentum": 0.9, "ema_decay": 0.95,
-     "inv_interval": 10},
+     "inv_interval": 10, "kl_clip": None},
     {"label": "Shampoo", "optimizer": "shampoo", "lr": 1e-3, "damping": 1e-2, "momentum": 0.9, "ema_decay": 0.95,
-     "inv_interval": 10},
+     "inv_interval": 10, "kl_clip": None},
     {"label": "MBF", "optimizer": "miniblock", "lr": 3e-4, "damping": 1e-4, "momentum": 0.9, "ema_decay": 0.95,
-     "inv_interval": 10, "fisher": "empirical", "miniblock_mode": "woodbury", "miniblock_window": 1},
+     "inv_interval": 10, "fisher": "empirical", "miniblock_mode": "woodbury", "miniblock_window": 1, "kl_clip": None},
 ]
 COLUMNS = ("method", "lr", "final_train_loss", "final_test_loss", "ms_per_step", "step_time_vs_Adam",
            "bench_ms_per_step", "bench_vs_Adam", "steps_to_threshold", "s_to_threshold", "diverged_seeds")

@@ -45,7 +45,7 @@ def step(model: nn.Module, opt, x, y) -> tuple[list[torch.Tensor], list[torch.Te
 
 
 def optimizer(model: nn.Module, **hyper):
-    hyper = {"lr": 0.1, "momentum": 0.0, "loss": "mse", **hyper}
+    hyper = {"lr": 0.1, "momentum": 0.0, "loss": "mse", "kl_clip": None, **hyper}   # the bare step, no trust region
     return curvlab.optimizer(model, "shampoo", "natural", **hyper)
 
 

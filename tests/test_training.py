@@ -8,7 +8,7 @@ from helpers import train_digits  # noqa: E402
 
 # Best of a same-effort grid at 1-2 epochs (12 configurations each; K-FAC: lr {0.03,0.1,0.3} x momentum
 # {0,0.5} x damping {0.03,0.1}; SGD: lr {0.03,0.1,0.3,1} x momentum {0,0.5,0.9}).
-KFAC = dict(lr=0.1, damping=0.1, momentum=0.5, ema_decay=0.95, inv_interval=5)
+KFAC = dict(lr=0.1, damping=0.1, momentum=0.5, ema_decay=0.95, inv_interval=5, kl_clip=None)   # = suggested
 SGD = dict(lr=0.3, momentum=0.9)
 
 

@@ -148,7 +148,7 @@ def curvlab_equivalent(peer: str, *, lr: float, damping: float, momentum: float,
 
     What could not be aligned is listed in :data:`DIFFERENCES` ``[peer]``."""
     _check(peer, loss, fisher)
-    common = {"lr": lr, "damping": damping, "momentum": momentum, "loss": loss}
+    common = {"lr": lr, "damping": damping, "momentum": momentum, "loss": loss, "kl_clip": None}   # peers: no clip
     if peer in ("asdl-kfac", "curvlinops-kfac"):
         return "kfac", "natural", {**common, "fisher": fisher, "damping_style": "pi", "ema_decay": ema_decay,
                                    "stat_interval": stat_interval, "inv_interval": inv_interval}

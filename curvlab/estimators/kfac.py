@@ -159,7 +159,8 @@ class KFAC(Estimator):
                                 "(K.8); 'explicit': A + lambda m_A I, G + lambda m_G I; 'trace': A + lambda tr(A) I, "
                                 "G + lambda tr(G) I (m_A, m_G: per-side multipliers of a parameterization)"),
     }
-    suggested = {"lr": 0.1, "damping": 0.1, "momentum": 0.5, "ema_decay": 0.95, "inv_interval": 5}
+    #: measured without a KL clip, which is therefore turned off here (``defaults`` has it on: README "Defaults")
+    suggested = {"lr": 0.1, "damping": 0.1, "momentum": 0.5, "ema_decay": 0.95, "inv_interval": 5, "kl_clip": None}
     curvature_class = KroneckerCurvature
 
     def captures(self) -> set[str]:

@@ -387,7 +387,8 @@ class MiniBlock(Estimator):
         "miniblock_damping": Option("absolute", one_of("absolute", "relative"),
                                     "per block F_b + lambda I | F_b + lambda mean(diag F_b) I"),
     }
-    suggested = {"lr": 0.01, "damping": 0.05, "momentum": 0.9, "ema_decay": 0.95, "inv_interval": 5}
+    #: measured without a KL clip, which is therefore turned off here (``defaults`` has it on: README "Defaults")
+    suggested = {"lr": 0.01, "damping": 0.05, "momentum": 0.9, "ema_decay": 0.95, "inv_interval": 5, "kl_clip": None}
     fisher_types = ("empirical",)
     curvature_class = MiniBlockCurvature
 

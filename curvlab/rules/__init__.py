@@ -35,6 +35,12 @@ class UpdateRule:
     requires: frozenset[str] = frozenset({"solve"})
     #: Overrides of the estimator's ``suggested`` hyper-parameters this rule needs (e.g. SNGM's lr is a distance).
     suggested: dict[str, Any] = {}
+    #: What the rule sets for options the user does not pass, over the estimator's ``defaults`` (README "Defaults";
+    #: :func:`curvlab.hyper.declared_defaults`); e.g. SNGM's lr is a step length, not a gradient multiplier.
+    defaults: dict[str, Any] = {}
+    #: True if the rule applies ``kl_clip`` (the estimator's default ``kl_clip`` reaches only such rules; a rule
+    #: that refuses or ignores it keeps ``False``)
+    trust_region: bool = False
     #: Captures the rule needs on EVERY step (not only statistics steps), e.g. FOP's {"inputs", "real_grads"}.
     every_step: frozenset[str] = frozenset()
 

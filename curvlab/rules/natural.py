@@ -25,6 +25,9 @@ from . import Plan, UpdateRule
 class NaturalGradient(UpdateRule):
     """Preconditioned step C^-1 g with momentum, weight decay and optional KL clipping."""
 
+    #: applies ``kl_clip`` (on by default for curvature estimators: :attr:`curvlab.Estimator.defaults`)
+    trust_region = True
+
     options = {
         "weight_decay_style": Option("coupled", one_of("coupled", "decoupled"),
                                      "'coupled': g += wd*theta before preconditioning; 'decoupled': AdamW-style"),
@@ -49,7 +52,9 @@ class NaturalGradient(UpdateRule):
         kappa = self.config["kl_clip"]
         if kappa is None:
             return 1.0
-        vg = sum(float(inner(d, g)) * unit.hyper("lr") ** 2 for unit, g, d in dirs)
+        if not dirs:
+            return 1.0
+        vg = float(sum(inner(d, g) * unit.hyper("lr") ** 2 for unit, g, d in dirs))   # one host sync per step
         return min(1.0, math.sqrt(kappa / vg)) if vg > 0 else 1.0
 
     def plan(self, units: list[Unit], state: dict[torch.nn.Parameter, dict[str, Any]],

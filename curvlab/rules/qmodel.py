@@ -67,6 +67,10 @@ class QuadraticModelRule(NaturalGradient):
                                                  "(False: alpha only, mu = 0)"),
     }
     suggested = {"lr": 1.0, "momentum": 0.0}
+    #: README "Defaults": the model's own step (lr 1) bounded by a trust region on the final update in the exact
+    #: Fisher metric. Without it (damping 1e-3) the greedy minibatch minimizer diverges on 2-3 of 6 digits models with
+    #: each of K-FAC, Shampoo, MBF and EKFAC; natural's kappa 1e-3 slows it to 0.88-0.99 train accuracy in 3 epochs
+    defaults = {"momentum": 0.0, "kl_clip": 1e-2}     # lr: its option above (1.0)
     #: the optimizer attaches a :class:`curvlab.quadratic.QuadraticModel` (``self.quadratic``) for this rule
     quadratic_model = True
 

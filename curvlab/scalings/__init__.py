@@ -20,6 +20,13 @@ class Parameterization:
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = config
 
+    @classmethod
+    def defaults_for(cls, estimator: str, rule: str, config: dict[str, Any]) -> dict[str, Any]:
+        """Defaults this parameterization sets for options the user did not pass, for an (estimator, rule) pair,
+        over the estimator's and the rule's (:func:`curvlab.hyper.declared_defaults`). ``config``: the options
+        resolved without the components' defaults. None here."""
+        return {}
+
     def configure(self, model: nn.Module, units: list[Unit], estimator: str, rule: str) -> None:
         raise NotImplementedError
 

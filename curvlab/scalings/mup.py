@@ -273,6 +273,17 @@ class MuP(Parameterization):
                               "K-FAC damping under muP: width exponents | pi-damping | trace-proportional"),
     }
 
+    @classmethod
+    def defaults_for(cls, estimator: str, rule: str, config: dict[str, Any]) -> dict[str, Any]:
+        """K-FAC with ``mup_damping="explicit"`` (per-side ``damping * r_in`` and ``damping / r_out``): ``damping``
+        is the ridge of EACH factor, so its default is ``0.03 ~ sqrt(1e-3)``, the per-side ridge of the standard
+        default's pi-damping at ``pi = 1``. At 1e-3 (a 1e-3 ridge per side, ~30x less than standard K-FAC's) the
+        tanh MLP 64-32-10 at batch 32 reaches 0.72 train accuracy in 3 epochs; 0.01-0.1 train every digits model
+        (README "Defaults")."""
+        if estimator == "kfac" and config.get("mup_damping") == "explicit":
+            return {"damping": 0.03}
+        return {}
+
     def configure(self, model: nn.Module, units: list[Unit], estimator: str, rule: str) -> None:
         cfg = self.config
         self._check_rule(rule)

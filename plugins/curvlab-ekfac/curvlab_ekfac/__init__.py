@@ -146,7 +146,8 @@ class EigenCorrectedCurvature(Curvature):
 class EKFAC(Estimator):
     """EKFAC: K-FAC eigenbasis with per-coordinate second moments (George et al. 2018)."""
 
-    suggested = {"lr": 0.1, "damping": 0.1, "momentum": 0.5, "ema_decay": 0.95, "inv_interval": 1}
+    #: measured without a KL clip (the default ``kl_clip=1e-3`` of curvlab.Estimator.defaults is turned off here)
+    suggested = {"lr": 0.1, "damping": 0.1, "momentum": 0.5, "ema_decay": 0.95, "inv_interval": 1, "kl_clip": None}
     curvature_class = EigenCorrectedCurvature
 
     def captures(self) -> set[str]:

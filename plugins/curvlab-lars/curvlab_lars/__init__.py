@@ -14,8 +14,9 @@ gradients): the paper leaves this case open; 1 falls back to the un-normalized s
 implementations do. Weight decay enters unpreconditioned, as in the paper's ``g + beta w``.
 ``kl_clip`` is refused: the trust ratio already bounds every layer's step relative to its weights.
 
-Options: ``lars_eta`` (trust coefficient eta, default 0.001 as in You et al., Sec. 3). With eta = 0.001 the
-global ``lr`` must be large (the paper uses 2-30); the per-layer step is ``lr * eta * ||theta||``.
+Options: ``lars_eta`` (trust coefficient eta, default 0.01; You et al., Sec. 3 use 0.001 with a large global ``lr``,
+2-30); the per-layer step is ``lr * eta * ||theta||``. Defaults (curvlab README "Defaults"): ``lr = 1``,
+``momentum = 0.9``, so ``curvlab.optimizer(model, estimator, "lars")`` moves each layer by about 1% of its norm.
 """
 from __future__ import annotations
 
@@ -45,7 +46,12 @@ def trust_ratio(params: list[torch.Tensor], direction: list[torch.Tensor], eta: 
 class LARS(UpdateRule):
     """LARS: layer-wise trust ratio eta ||theta|| / (||d|| + wd ||theta||) over the estimator's direction."""
 
-    options = {"lars_eta": Option(0.001, positive, "LARS trust coefficient eta (You et al. 2017)")}
+    options = {"lars_eta": Option(0.01, positive,
+                                  "LARS trust coefficient eta (You et al. 2017 use 0.001 with lr 2-30)")}
+    #: what LARS sets for options the user does not pass (curvlab README "Defaults"): each layer moves by about
+    #: lr * eta = 1% of its norm per step, with momentum 0.9. eta 0.005 (the suggested value) reaches 0.89 with
+    #: Shampoo on the digits MLP 64-512-10 at batch 256 (18 steps in 3 epochs); 0.01 trains every built-in estimator
+    defaults = {"lr": 1.0, "momentum": 0.9}
     #: overrides of the estimator's ``suggested`` (the global lr of LARS is large; each layer moves by about
     #: lr * eta of its norm per step): trains the digits MLP of tests/test_grid.py with every estimator
     suggested = {"lr": 1.0, "lars_eta": 0.005, "momentum": 0.9}
