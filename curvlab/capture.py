@@ -323,11 +323,6 @@ class HookCapture:
         return self._generators[device]
 
     # -- consumer side ---------------------------------------------------------------------------------
-    @property
-    def step_examples(self) -> int:
-        """``N_step``: examples of the training passes recorded since the last step."""
-        return sum(run.batch_size for run in self._passes if run.trained)
-
     def training_passes(self) -> list[Pass]:
         """The passes of this step that a training backward reached."""
         return [run for run in self._passes if run.trained]

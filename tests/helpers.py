@@ -55,20 +55,27 @@ def train_digits(estimator, epochs, model="mlp", seed=0, rule="natural", batch_s
     """Train a digits model with the plain loop; returns (test accuracy, optimizer). Parameters must stay finite."""
     import curvlab
     from curvlab import models
-    from curvlab.data import batches, load_digits
+    from curvlab.data import load_digits
 
     split = load_digits(seed=0)
     (builder, args, kwargs), shape = DIGITS_MODELS[model]
     torch.manual_seed(seed)
     net = getattr(models, builder)(*args, **kwargs)
     opt = curvlab.optimizer(net, estimator, rule, **hyper)
+    fit(net, opt, split, batch_size, epochs, shape, seed)
+    with torch.no_grad():
+        acc = (net(shape(split.x_test)).argmax(1) == split.y_test).float().mean().item()
+    assert all(bool(torch.isfinite(p).all()) for p in net.parameters())
+    return acc, opt
+
+
+def fit(net, opt, split, batch_size, epochs, shape=lambda x: x, seed=0) -> None:
+    """The plain loop (zero_grad, cross-entropy backward, step) over ``epochs`` seeded epochs of ``split``."""
+    from curvlab.data import batches
+
     gen = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         for xb, yb in batches(split.x_train, split.y_train, batch_size, generator=gen):
             opt.zero_grad()
             F.cross_entropy(net(shape(xb)), yb).backward()
             opt.step()
-    with torch.no_grad():
-        acc = (net(shape(split.x_test)).argmax(1) == split.y_test).float().mean().item()
-    assert all(bool(torch.isfinite(p).all()) for p in net.parameters())
-    return acc, opt

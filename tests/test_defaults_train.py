@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import curvlab
 
 pytest.importorskip("sklearn", reason="scikit-learn provides the bundled digits data set")
-from curvlab.data import batches, load_digits  # noqa: E402
+from curvlab.data import load_digits  # noqa: E402
+from helpers import fit  # noqa: E402
 from curvlab.models import mlp, small_cnn  # noqa: E402
 
 EPOCHS, TARGET = 3, 0.90
@@ -70,12 +70,7 @@ def train_with(model: torch.nn.Module, digits, batch_size: int, opt, epochs: int
     """Train with the plain loop; returns the train accuracy after the last step."""
     images = isinstance(model[0], torch.nn.Conv2d)
     shape = (lambda x: x.reshape(-1, 1, 8, 8)) if images else (lambda x: x)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(epochs):
-        for xb, yb in batches(digits.x_train, digits.y_train, batch_size, generator=gen):
-            opt.zero_grad()
-            F.cross_entropy(model(shape(xb)), yb).backward()
-            opt.step()
+    fit(model, opt, digits, batch_size, epochs, shape)
     with torch.no_grad():
         return (model(shape(digits.x_train)).argmax(1) == digits.y_train).float().mean().item()
 
