@@ -22,7 +22,9 @@ Classification targets are int64 class indices, ``(N,)`` or one per position ``(
 modelling); regression targets are float ``(N, D)``. Token data sets (``vocab_size`` set) have int64
 inputs: token ids, never normalized or cast to the model dtype. MNIST parsing lives in
 :mod:`curvlab.experiments.idx`, the synthetic generators in :mod:`curvlab.experiments.synthetic`, the
-token data sets in :mod:`curvlab.experiments.sequences`. :func:`batches` turns tensors into minibatches (any batch size up
+token data sets in :mod:`curvlab.experiments.sequences`. Every data set also takes the ``[data]`` keys
+``val_fraction``, ``val_seed`` and ``evaluate_on`` (a validation part carved from the training data, see
+:mod:`curvlab.validation`). :func:`batches` turns tensors into minibatches (any batch size up
 to the full data set).
 """
 from __future__ import annotations
@@ -71,6 +73,8 @@ class Split:
             ``None`` means a plain vector of ``num_features``.
         vocab_size: ``None`` for float features; for token inputs the number of token ids, the inputs
             being int64 in ``[0, vocab_size)`` (the runner passes it to a model builder's ``vocab_size``).
+        evaluated_on: ``"test"``, or ``"validation"`` when the test part holds a validation part carved from
+            the training data (:func:`curvlab.validation.validation_split`; ``[data] val_fraction``).
     """
 
     x_train: torch.Tensor
@@ -83,6 +87,7 @@ class Split:
     task: str = "classification"
     input_shape: tuple[int, ...] | None = None
     vocab_size: int | None = None
+    evaluated_on: str = "test"
 
     def __post_init__(self) -> None:
         if self.task not in ("classification", "regression"):

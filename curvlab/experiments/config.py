@@ -283,6 +283,7 @@ def resolve_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """
     import curvlab
     from curvlab import data as _data, models as _models  # noqa: F401  (register the built-ins)
+    from curvlab.validation import pop_val_keys
 
     unknown = [k for k in cfg if k not in DEFAULTS]
     if unknown:
@@ -310,7 +311,11 @@ def resolve_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
             fn = registry.get(args.pop("name"))
         except (ValueError, TypeError) as err:
             raise ConfigError(f"{section}.name: {err}") from None
-        out[section] = {"name": fn.registry_name, **_complete_call(section, fn, args, reserved)}
+        try:
+            val = pop_val_keys(args) if section == "data" else {}  # every data set takes them
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        out[section] = {"name": fn.registry_name, **_complete_call(section, fn, args, reserved), **val}
     out["optimizer"] = _resolve_optimizer(out["optimizer"])
     bad = [k for k, v in flatten(out).items() if not _jsonable(v)]
     if bad:

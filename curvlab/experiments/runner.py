@@ -94,10 +94,14 @@ def load_split(data: Mapping[str, Any]):
     so runs of a sweep that share a data set load it once per worker)."""
     import curvlab
 
+    from curvlab.validation import pop_val_keys, validation_split
+
     key = canonical_json(dict(data))
     if key not in _SPLITS:
         args = dict(data)
-        _SPLITS[key] = curvlab.DATASETS.get(args.pop("name"))(**args)
+        val = pop_val_keys(args)  # data.val_fraction: a validation part carved from the training data
+        split = curvlab.DATASETS.get(args.pop("name"))(**args)
+        _SPLITS[key] = validation_split(split, **val) if val else split
         while len(_SPLITS) > 2:
             _SPLITS.popitem(last=False)
     _SPLITS.move_to_end(key)
@@ -416,6 +420,7 @@ def summarize(rows: list[dict[str, Any]], cfg: dict[str, Any], rid: str, task: s
         "run_id": rid, "name": cfg["name"], **{k: cfg["optimizer"][k] for k in ("estimator", "rule", "scaling")},
         "dataset": split.name, "model": cfg["model"]["name"], "task": task, "loss": loss_name,
         "num_train": split.num_train, "num_test": split.num_test, "epochs": len(trained), "steps": steps,
+        **({"evaluated_on": split.evaluated_on} if split.evaluated_on != "test" else {}),
         "final_test_accuracy": acc[-1] if acc and task == "classification" else None,
         "final_train_accuracy": last.get("train_accuracy"),
         "best_test_accuracy": max((a for a in acc if a is not None), default=None),
