@@ -1,5 +1,5 @@
 """The ``curvlab`` command: ``list`` what is registered, ``check`` estimators against exact curvature,
-``demo`` the main job, ``run``/``sweep``/``report`` experiments, ``coord-check`` the muP coordinate check (per-layer update size against width), ``bench`` step time over SGD's."""
+``demo`` the main job, ``run``/``sweep``/``report``/``tune`` experiments, ``coord-check`` the muP coordinate check (per-layer update size against width), ``bench`` step time over SGD's."""
 from __future__ import annotations
 
 import argparse
@@ -37,11 +37,13 @@ def main(argv: list[str] | None = None) -> int:
                    add_help=False)
     for name, text in (("run", "train one configuration into a run directory (see `curvlab run --help`)"),
                        ("sweep", "run a grid of configurations in parallel processes, resumable"),
-                       ("report", "tables and figures from finished runs")):
+                       ("report", "tables and figures from finished runs"),
+                       ("tune", "tune hyper-parameters on a validation split (Optuna), then test the best")):
         sub.add_parser(name, help=text, add_help=False)
-    if argv[:1] in (["run"], ["sweep"], ["report"]):
+    if argv[:1] in (["run"], ["sweep"], ["report"], ["tune"]):
         from .experiments import cli as exp_cli
-        return {"run": exp_cli.run_main, "sweep": exp_cli.sweep_main, "report": exp_cli.report_main}[argv[0]](argv[1:])
+        return {"run": exp_cli.run_main, "sweep": exp_cli.sweep_main, "report": exp_cli.report_main,
+                "tune": exp_cli.tune_main}[argv[0]](argv[1:])
     if argv[:1] == ["coord-check"]:
         from .coord_check import main as coord_main
         return coord_main(argv[1:])

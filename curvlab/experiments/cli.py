@@ -1,6 +1,6 @@
-"""Command-line entry points ``curvlab run``, ``curvlab sweep`` and ``curvlab report``.
+"""Command-line entry points ``curvlab run``, ``curvlab sweep``, ``curvlab report`` and ``curvlab tune``.
 
-``run_main(argv)``, ``sweep_main(argv)`` and ``report_main(argv)`` take the arguments after the
+``run_main(argv)``, ``sweep_main(argv)``, ``report_main(argv)`` and ``tune_main(argv)`` take the arguments after the
 sub-command and return an exit status (0 ok, 1 some runs failed, 2 bad configuration or input).
 
 Overrides, for ``run`` and ``sweep``: ``--set optimizer.lr=0.1`` (repeatable) or the same key as a flag,
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .config import ConfigError, apply_overrides, load_config, parse_value, resolve_config, run_id
 
-__all__ = ["run_main", "sweep_main", "report_main", "parse_overrides"]
+__all__ = ["run_main", "sweep_main", "report_main", "tune_main", "parse_overrides"]
 
 _EXPECTED = (ConfigError, ValueError, TypeError, ImportError)
 
@@ -202,6 +202,61 @@ def _launcher(cfg: dict, args: argparse.Namespace) -> dict | None:
     return launcher or None
 
 
+def tune_main(argv: Sequence[str] | None = None) -> int:
+    """``curvlab tune CONFIG --trials N [--workers K] [--out DIR] [--storage URL] [--launcher submitit ...]``."""
+    from .tune import __doc__ as tune_doc
+
+    parser = argparse.ArgumentParser(prog="curvlab tune", description="Tune the config's [tune.space] on a "
+                                     "validation split carved from the training data (Optuna; resumable, shared by "
+                                     "workers), then re-run the best configuration with several seeds on the test "
+                                     "set.", epilog=tune_doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help="TOML / YAML / JSON config with a [tune] table")
+    parser.add_argument("--trials", type=int, help="the budget: finished trials (default: tune.trials)")
+    parser.add_argument("--workers", type=int, help="parallel worker processes sharing the study (default: "
+                        "tune.workers or 1)")
+    parser.add_argument("--out", help="tune folder: study.db, runs/, final/, tune.json, best.json, report/ "
+                        "(default: tunes/<config file stem>)")
+    parser.add_argument("--storage", help="Optuna RDB URL of the study, e.g. postgresql://host/db for workers on "
+                        "several machines (default: sqlite:///OUT/study.db)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    group = parser.add_argument_group("launcher (tune.launcher; the table of `curvlab sweep --launcher`)")
+    group.add_argument("--launcher", choices=("local", "submitit", "local-submitit"),
+                       help="local processes (default), one SLURM job per worker through submitit, or submitit's "
+                       "local executor (testing)")
+    for flag, kind, text in (("--partition", str, "SLURM partition"),
+                             ("--timeout-min", float, "job time limit in minutes (default 60)"),
+                             ("--gpus-per-node", int, "GPUs per node (default 0)"),
+                             ("--cpus-per-task", int, "CPUs per task"), ("--mem-gb", float, "memory per node")):
+        group.add_argument(flag, type=kind, help=text)
+    try:
+        rest, dotted = parse_overrides(list(sys.argv[1:] if argv is None else argv))
+    except ConfigError as err:
+        return _fail(err)
+    args = parser.parse_args(rest)
+    from .tune import run_tune
+
+    out = Path(args.out or Path("tunes") / Path(args.config).stem)
+    try:
+        cfg = _load(args.config, [*args.set, *dotted])
+        launcher = (cfg.get("tune") or {}).get("launcher")
+        launcher = {"name": launcher} if isinstance(launcher, str) else dict(launcher or {})
+        if args.launcher:
+            launcher["name"] = args.launcher
+        for key in ("partition", "timeout_min", "gpus_per_node", "cpus_per_task", "mem_gb"):
+            if getattr(args, key) is not None:
+                launcher[key] = getattr(args, key)
+        run_tune(cfg, out, trials=args.trials, workers=args.workers, storage=args.storage,
+                 launcher=launcher or None, quiet=args.quiet)
+    except (*_EXPECTED, RuntimeError) as err:
+        return _fail(err)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished trials are kept; `curvlab tune {args.config} --out {out}` resumes",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
 def report_main(argv: Sequence[str] | None = None) -> int:
     """``curvlab report DIR [--out DIR] [--baseline LABEL] [--heatmap ROW,COL] [--vs AXIS] [--target ACC]``:
     tables and figures of the finished runs (the last three: :mod:`.ablation_report`)."""
@@ -241,9 +296,9 @@ def report_main(argv: Sequence[str] | None = None) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m curvlab.experiments.cli run|sweep|report ...`` (the same as ``curvlab run|sweep|report``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"run": run_main, "sweep": sweep_main, "report": report_main}
+    commands = {"run": run_main, "sweep": sweep_main, "report": report_main, "tune": tune_main}
     if not argv or argv[0] not in commands:
-        print("usage: python -m curvlab.experiments.cli {run,sweep,report} ...", file=sys.stderr)
+        print("usage: python -m curvlab.experiments.cli {run,sweep,report,tune} ...", file=sys.stderr)
         return 2
     return commands[argv[0]](argv[1:])
 

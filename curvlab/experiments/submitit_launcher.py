@@ -35,7 +35,7 @@ from typing import Any
 from .config import ConfigError
 from .io import atomic_write_json, read_json
 
-__all__ = ["LAUNCHER_DEFAULTS", "resolve_launcher", "RunJob", "submit_sweep", "require_submitit"]
+__all__ = ["LAUNCHER_DEFAULTS", "resolve_launcher", "RunJob", "submit_sweep", "require_submitit", "make_executor"]
 
 #: ``[sweep.launcher]`` keys and defaults (``None``: left to the cluster's default).
 LAUNCHER_DEFAULTS: dict[str, Any] = {
@@ -148,6 +148,11 @@ def _executor(opts: dict[str, Any], folder: Path) -> Any:
         params["local_setup"] = list(opts["setup"])
     ex.update_parameters(**params)
     return ex
+
+
+#: A configured submitit executor for ``opts`` (a resolved launcher table) logging into ``folder``; used by
+#: ``curvlab tune --launcher submitit`` to submit its workers.
+make_executor = _executor
 
 
 def _still_active(entry: Mapping[str, Any], folder: Path) -> bool:
