@@ -261,7 +261,10 @@ def report_main(argv: Sequence[str] | None = None) -> int:
     """``curvlab report DIR [--out DIR] [--baseline LABEL] [--heatmap ROW,COL] [--vs AXIS] [--target ACC]``:
     tables and figures of the finished runs (the last three: :mod:`.ablation_report`)."""
     parser = argparse.ArgumentParser(prog="curvlab report", description="Aggregate every finished run under "
-                                     "DIR into report.csv, runs.csv, report.txt and figures.")
+                                     "DIR into report.csv, runs.csv, report.txt and figures. A DIR holding tunes "
+                                     "(DIR/*/tune.json from `curvlab tune`) gets the equal-budget comparison "
+                                     "instead: every method tuned with the same number of trials (damping tuned "
+                                     "for second-order methods), test mean +- std of each best configuration.")
     parser.add_argument("dir", help="folder holding run directories (a sweep folder, or any parent)")
     parser.add_argument("--out", help="where to write (default: DIR/report)")
     parser.add_argument("--baseline", help="configuration label the step times are divided by "
@@ -280,6 +283,9 @@ def report_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from .reporting import report
 
+    tunes = Path(args.dir) / "tune.json"
+    if tunes.is_file() or any(Path(args.dir).glob("*/tune.json")):
+        return _compare_tunes(Path(args.dir), Path(args.out or Path(args.dir) / "report"), args.quiet)
     try:
         report(args.dir, args.out, baseline=args.baseline, figures=not args.no_figures, quiet=args.quiet)
         if args.heatmap or args.vs or args.target is not None:
@@ -290,6 +296,24 @@ def report_main(argv: Sequence[str] | None = None) -> int:
                          target=args.target, quiet=args.quiet)
     except _EXPECTED as err:
         return _fail(err)
+    return 0
+
+
+def _compare_tunes(folder: Path, out: Path, quiet: bool) -> int:
+    """``curvlab report`` of a folder of tunes: the equal-budget comparison (:mod:`curvlab.equal_budget`)."""
+    from curvlab.equal_budget import BudgetError, compare_tunes, load_tunes
+
+    from .io import atomic_write_json, atomic_write_text
+
+    try:
+        result = compare_tunes(load_tunes([folder]))
+    except BudgetError as err:
+        return _fail(err)
+    atomic_write_json(out / "comparison.json", result)
+    atomic_write_text(out / "comparison.txt", result["table"] + "\n")
+    if not quiet:
+        print(result["table"])
+        print(f"wrote {out / 'comparison.json'}, {out / 'comparison.txt'}")
     return 0
 
 

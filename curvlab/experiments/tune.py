@@ -43,6 +43,7 @@ from typing import Any
 
 from .config import ConfigError, apply_overrides, canonical_json, resolve_config, run_id
 from .io import atomic_write_json, read_json
+from ..equal_budget import mean_std
 
 __all__ = ["TUNE_KEYS", "METRICS", "tune_settings", "trial_config", "final_config", "tune_worker", "run_tune",
            "TUNE_JSON", "BEST_JSON"]
@@ -201,15 +202,6 @@ def _check_spec(cfg: Mapping[str, Any], out: Path, settings: Mapping[str, Any]) 
         atomic_write_json(path, spec)
 
 
-def _stats(values: list[float]) -> dict[str, Any]:
-    vals = [float(v) for v in values if v is not None and math.isfinite(v)]
-    if not vals:
-        return {"mean": None, "std": None, "values": list(values), "n": 0}
-    mean = sum(vals) / len(vals)
-    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
-    return {"mean": mean, "std": std, "values": list(values), "n": len(vals)}
-
-
 def run_tune(cfg: Mapping[str, Any], out: str | Path, *, trials: int | None = None, workers: int | None = None,
              storage: str | None = None, launcher: str | Mapping[str, Any] | None = None,
              quiet: bool = False) -> dict[str, Any]:
@@ -285,8 +277,8 @@ def finish_tune(cfg: Mapping[str, Any], out: Path, record: dict[str, Any], setti
               "space": settings["space"], "sampler": settings["sampler"], "epochs": finals[0].config["train"]["epochs"],
               "val_fraction": settings["val_fraction"]}
     final = {"seeds": [r.config["train"]["seed"] for r in finals], "run_ids": [r.run_id for r in finals],
-             "test_accuracy": _stats([r.summary["final_test_accuracy"] for r in finals]),
-             "test_loss": _stats([r.summary["final_test_loss"] for r in finals])}
+             "test_accuracy": mean_std([r.summary["final_test_accuracy"] for r in finals]),
+             "test_loss": mean_std([r.summary["final_test_loss"] for r in finals])}
     best_run = out / "runs" / run_id(trial_config(cfg, params, settings))
     doc = {"method": method, "budget": budget, **{k: record[k] for k in ("trials", "sampler", "seed", "metric",
                                                                           "direction", "space", "best", "history")},
