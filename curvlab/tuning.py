@@ -312,8 +312,12 @@ def _recover_stale(study: Any, grace_s: float) -> int:
             continue
         # Optuna has no public call to close another process's trial; this is what its own
         # RetryFailedTrialCallback machinery does through the storage.
-        if study._storage.set_trial_state_values(frozen._trial_id, state=optuna.trial.TrialState.FAIL):
+        try:
             study._storage.set_trial_user_attr(frozen._trial_id, "stale", True)
+            closed = study._storage.set_trial_state_values(frozen._trial_id, state=optuna.trial.TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:  # its worker finished it meanwhile after all
+            closed = False
+        if closed:
             study.enqueue_trial(dict(frozen.params), user_attrs={"retry_of": frozen.number})
             count += 1
     return count

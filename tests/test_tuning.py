@@ -245,7 +245,8 @@ def test_killed_tune_resumes_to_exactly_n_trials(tmp_path) -> None:
 
     n = 4
     cfg = tmp_path / "c.json"
-    cfg.write_text(json.dumps(_tune_cfg(n, seeds=1, sampler="random")))
+    cfg.write_text(json.dumps({**_tune_cfg(n, seeds=1, sampler="random"),
+                               "train": {"epochs": 4, "batch_size": 64, "eval_train_examples": 0}}))
     out = tmp_path / "t"
     cmd = [sys.executable, "-m", "curvlab", "tune", str(cfg), "--out", str(out), "--quiet"]
     proc = subprocess.Popen(cmd, env=_env(), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -254,10 +255,10 @@ def test_killed_tune_resumes_to_exactly_n_trials(tmp_path) -> None:
         while time.monotonic() < deadline and proc.poll() is None:
             if (out / "study.db").is_file():
                 try:
-                    done = _study(out).get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+                    states = [t.state.name for t in _study(out).get_trials()]
                 except Exception:  # noqa: BLE001  (the study may not exist yet)
-                    done = []
-                if done:
+                    states = []
+                if "COMPLETE" in states and states[-1] == "RUNNING":  # kill it in the middle of a trial
                     break
             time.sleep(0.2)
         assert proc.poll() is None, "the tune ended before it could be killed: " + proc.stderr.read().decode()
@@ -274,7 +275,10 @@ def test_killed_tune_resumes_to_exactly_n_trials(tmp_path) -> None:
     trials = _study(out).get_trials()
     complete = [t for t in trials if t.state.name == "COMPLETE"]
     assert len(complete) == n
-    assert all(t.user_attrs.get("stale") for t in trials if t.state.name == "FAIL")  # only the killed one failed
+    failed = [t for t in trials if t.state.name == "FAIL"]
+    assert len(failed) == 1 and failed[0].user_attrs["stale"]  # the killed trial, and only it
+    retry = [t for t in complete if t.user_attrs.get("retry_of") == failed[0].number]
+    assert len(retry) == 1 and retry[0].params == failed[0].params  # its configuration ran again (and resumed)
     run_ids = {t.user_attrs["run_id"] for t in complete}
     dirs = sorted(p.name for p in (out / "runs").iterdir())
     assert sorted(run_ids) == dirs, "a run directory that no finished trial owns, or a duplicate"
