@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml plugins/curvlab-ekfac/pyproject.toml plugins/curvlab-la
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	echo "torch==2.13.0" > $(CONSTRAINTS)
-	$(BIN)/pip install -q -c $(CONSTRAINTS) numpy scipy matplotlib tqdm pytest scikit-learn einops unfoldNd mnist1d requests submitit
+	$(BIN)/pip install -q -c $(CONSTRAINTS) numpy scipy matplotlib tqdm pytest scikit-learn einops unfoldNd mnist1d requests submitit optuna
 	$(BIN)/pip install -q --no-deps backpack-for-pytorch
 	$(BIN)/pip install -q -c $(CONSTRAINTS) --no-deps --no-build-isolation -e .
 	$(BIN)/pip install -q -c $(CONSTRAINTS) --no-deps --no-build-isolation -e plugins/curvlab-ekfac

@@ -8,6 +8,12 @@ per method and seed), ``report/`` (``report.csv``, ``runs.csv``, ``report.txt``,
 IDX files), ``--data mnist1d`` on MNIST-1D. Each call retrains every method (earlier runs in
 ``--out`` are replaced); ``--resume`` instead keeps finished runs and only trains what is missing (after
 an interruption, or to add seeds). See :mod:`curvlab.experiments.ablation` for the methods and hyper-parameters.
+
+Then, unless ``--tune-trials 0``, the same methods under the equal-budget protocol
+(:mod:`curvlab.experiments.tuned_ablation`): each tuned with the same number of trials on a validation split
+(learning rate; damping too for second-order methods), the best configuration re-run with several seeds on the
+test set, test mean +- std printed and written to ``--out/tuned/``. The tuned tunes resume like the runs (they
+are kept across calls; delete ``--out/tuned`` to tune again).
 """
 from __future__ import annotations
 
@@ -46,6 +52,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default="demo_output", help="output folder (default: demo_output)")
     parser.add_argument("--resume", action="store_true",
                         help="keep finished runs in --out and train only the missing ones (default: retrain all)")
+    parser.add_argument("--tune-trials", type=int, default=6, metavar="N",
+                        help="then the equal-budget comparison: every method tuned with N trials (lr, and damping "
+                        "for second-order methods) on a validation split, the best re-run with --tune-seeds seeds "
+                        "on the test set (default 6; 0 skips it)")
+    parser.add_argument("--tune-seeds", type=_positive_int, default=2, help="test re-runs per tuned method (default 2)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
 
@@ -72,6 +83,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for run_id, error in results["failed"].items():
         print(f"FAILED {run_id}: {error.strip().splitlines()[-1]}")
     print("wrote " + ", ".join(str(p) for p in results["report"]["files"]) + f", {args.out}/results.json")
+    if args.tune_trials > 0:
+        import time
+
+        from curvlab.experiments.tuned_ablation import run_tuned_ablation
+
+        start = time.perf_counter()
+        tuned = run_tuned_ablation(f"{args.out}/tuned", trials=args.tune_trials, seeds=args.tune_seeds,
+                                   workers=args.workers, data=args.data, data_dir=args.data_dir, epochs=args.epochs,
+                                   batch_size=args.batch_size, model=args.model, width=args.width,
+                                   estimators=estimators, target=args.target)
+        print(f"\nequal-budget comparison ({time.perf_counter() - start:.1f} s): each method's lr (and damping for "
+              f"second-order methods) tuned within a factor 10 of its suggested value with {args.tune_trials} quasi-random "
+              f"trials, selected on 20% of the training set held out; test accuracy of the best over "
+              f"{args.tune_seeds} seeds")
+        print(tuned["table"])
+        print(f"wrote {args.out}/tuned/<method>/ (tune.json, best.json, report/), {args.out}/tuned/comparison.txt")
+        results["tuned"] = tuned
     return results
 
 

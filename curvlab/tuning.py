@@ -420,8 +420,15 @@ def tune(objective: Callable[[dict[str, Any], TrialContext], float | Mapping[str
     pruner_obj = _make_pruner(pruner)
     if quiet:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(storage=storage, study_name=study_name, direction=direction, load_if_exists=True,
-                                pruner=pruner_obj)
+    for attempt in range(5):  # workers started together race to create the storage's tables and the study
+        try:
+            study = optuna.create_study(storage=storage, study_name=study_name, direction=direction,
+                                        load_if_exists=True, pruner=pruner_obj)
+            break
+        except Exception:  # noqa: BLE001  (the loser of the race sees an integrity error; the next try loads it)
+            if attempt == 4:
+                raise
+            time.sleep(0.5 + 0.5 * attempt)
     if study.direction.name.lower() != direction:
         raise TuneError(f"the stored study {study_name!r} maximizes/minimizes differently ({study.direction.name}); "
                         "use a fresh --out/storage or the same direction")

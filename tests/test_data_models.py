@@ -253,15 +253,20 @@ def test_builders_reject_bad_inputs() -> None:
 def test_demo_main_smoke(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
     from curvlab.demo import main
 
-    results = main(["--epochs", "1", "--quiet", "--out", str(tmp_path), "--estimators", "kfac", "--workers", "1"])
+    results = main(["--epochs", "1", "--quiet", "--out", str(tmp_path), "--estimators", "kfac", "--workers", "1",
+                    "--tune-trials", "2", "--tune-seeds", "1"])
     assert list(results["methods"]) == ["sgd", "kfac", "sngm", "fop"] and not results["failed"]
     assert (tmp_path / "results.json").is_file() and (tmp_path / "report" / "curves.png").is_file()
     assert (tmp_path / "report" / "best_variant.png").is_file()
     out = capsys.readouterr().out
-    for text in ("sgd", "kfac", "sngm", "fop", "final acc", "ep->target", "x sgd"):
+    for text in ("sgd", "kfac", "sngm", "fop", "final acc", "ep->target", "x sgd", "2 trials per method"):
         assert text in out
+    tuned = {r["method"]: r for r in results["tuned"]["rows"]}  # the equal-budget comparison of the same methods
+    assert list(tuned) == ["sgd", "kfac", "sngm", "fop"] and tuned["kfac"]["space"] == ["optimizer.damping",
+                                                                                          "optimizer.lr"]
+    assert tuned["sgd"]["space"] == ["optimizer.lr"] and (tmp_path / "tuned" / "kfac" / "best.json").is_file()
     again = main(["--epochs", "1", "--quiet", "--out", str(tmp_path), "--estimators", "kfac", "--workers", "1",
-                  "--resume"])
+                  "--resume", "--tune-trials", "0"])
     assert again["ran"] == 0  # finished runs are reused
     for name, method in results["methods"].items():
         assert again["methods"][name]["summary"] == method["summary"]

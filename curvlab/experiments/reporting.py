@@ -65,9 +65,15 @@ class Configuration:
 
 
 def collect_runs(root: str | Path) -> list[RunResult]:
-    """Every finished run under ``root`` (found by its ``DONE`` marker), each run id once, sorted by name."""
+    """Every finished run under ``root`` (found by its ``DONE`` marker), each run id once, sorted by name.
+    Runs inside a tune folder below ``root`` (one holding ``tune_spec.json``, see :mod:`.tune`) are left out:
+    its trials are measured on a validation split, and a tune is reported by the equal-budget comparison."""
     found: dict[str, RunResult] = {}
-    for marker in sorted(Path(root).rglob(DONE)):
+    root = Path(root)
+    for marker in sorted(root.rglob(DONE)):
+        inside = marker.parent.relative_to(root).parents
+        if any((root / p / "tune_spec.json").is_file() for p in inside if str(p) != "."):
+            continue
         result = load_run(marker.parent)
         found.setdefault(result.run_id, result)
     return sorted(found.values(), key=lambda r: (r.config.get("name", ""), r.run_id))

@@ -49,6 +49,7 @@ __all__ = ["TUNE_KEYS", "METRICS", "tune_settings", "trial_config", "final_confi
            "TUNE_JSON", "BEST_JSON"]
 
 TUNE_JSON, BEST_JSON, SPEC_JSON = "tune.json", "best.json", "tune_spec.json"
+STUDY = "curvlab-tune"  # the study's name inside the storage
 #: Selection metrics: name -> (summary key of a validation run, direction).
 METRICS: dict[str, tuple[str, str]] = {
     "val_accuracy": ("final_test_accuracy", "maximize"),
@@ -178,7 +179,7 @@ def tune_worker(cfg: Mapping[str, Any], out: str | Path, *, trials: int | None =
 
     result = tune(objective, settings["space"], settings["trials"], sampler=settings["sampler"],
                   seed=settings["seed"], metric="value", direction=settings["direction"],
-                  storage=_storage(out, storage), study_name="curvlab-tune", pruner=settings["pruner"],
+                  storage=_storage(out, storage), study_name=STUDY, pruner=settings["pruner"],
                   method=_method(cfg), worker=worker)
     record = result.record()
     record["metric"] = settings["metric"]
@@ -226,6 +227,12 @@ def run_tune(cfg: Mapping[str, Any], out: str | Path, *, trials: int | None = No
     if not quiet:
         print(f"tune {out}: {settings['trials']} trials ({settings['sampler']}), metric {settings['metric']} "
               f"({settings['direction']}), {workers} worker(s), storage {_storage(out, storage)}")
+    if workers > 1 or opts["name"] == "submitit":  # create the storage and the study once, before the workers
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        optuna.create_study(storage=_storage(out, storage), study_name=STUDY, direction=settings["direction"],
+                            load_if_exists=True)
     if opts["name"] == "submitit":
         _submit_workers(cfg, out, trials, storage, workers, opts, quiet)
     elif workers == 1:
