@@ -127,19 +127,7 @@ def sweep_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--list", action="store_true", help="list the runs (id, finished, name) and stop")
     parser.add_argument("--no-report", action="store_true", help="do not write the report at the end")
-    group = parser.add_argument_group("launcher (sweep.launcher; see curvlab.experiments.submitit_launcher)")
-    group.add_argument("--launcher", choices=("local", "submitit", "local-submitit"),
-                       help="local processes (default), one SLURM job per run through submitit, or submitit's "
-                       "local executor (testing)")
-    for flag, kind, text in (("--partition", str, "SLURM partition"),
-                             ("--timeout-min", float, "job time limit in minutes (default 60)"),
-                             ("--nodes", int, "nodes per job (default 1)"),
-                             ("--tasks-per-node", int, "tasks per node; > 1 makes each run data parallel"),
-                             ("--gpus-per-node", int, "GPUs per node (default 0)"),
-                             ("--cpus-per-task", int, "CPUs per task"), ("--mem-gb", float, "memory per node")):
-        group.add_argument(flag, type=kind, help=text)
-    group.add_argument("--slurm-arg", action="append", default=[], metavar="KEY=VALUE",
-                       help="extra sbatch option, e.g. --slurm-arg account=abc --slurm-arg qos=high (repeatable)")
+    group = _launcher_flags(parser, "launcher (sweep.launcher; see curvlab.experiments.submitit_launcher)")
     group.add_argument("--no-wait", action="store_true", help="submitit: return after submitting; run the same "
                        "command again later to collect the results and report")
     try:
@@ -180,9 +168,27 @@ def sweep_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _launcher(cfg: dict, args: argparse.Namespace) -> dict | None:
-    """``sweep.launcher`` of ``cfg`` (a name or a table) updated with the launcher flags; None if neither."""
-    given = (cfg.get("sweep") or {}).get("launcher")
+def _launcher_flags(parser: argparse.ArgumentParser, title: str) -> argparse._ArgumentGroup:
+    """The ``--launcher`` options shared by ``curvlab sweep`` and ``curvlab tune``; returns their group."""
+    group = parser.add_argument_group(title)
+    group.add_argument("--launcher", choices=("local", "submitit", "local-submitit"),
+                       help="local processes (default), SLURM jobs through submitit, or submitit's local executor "
+                       "(testing)")
+    for flag, kind, text in (("--partition", str, "SLURM partition"),
+                             ("--timeout-min", float, "job time limit in minutes (default 60)"),
+                             ("--nodes", int, "nodes per job (default 1)"),
+                             ("--tasks-per-node", int, "tasks per node; > 1 makes each run data parallel"),
+                             ("--gpus-per-node", int, "GPUs per node (default 0)"),
+                             ("--cpus-per-task", int, "CPUs per task"), ("--mem-gb", float, "memory per node")):
+        group.add_argument(flag, type=kind, help=text)
+    group.add_argument("--slurm-arg", action="append", default=[], metavar="KEY=VALUE",
+                       help="extra sbatch option, e.g. --slurm-arg account=abc --slurm-arg qos=high (repeatable)")
+    return group
+
+
+def _launcher(cfg: dict, args: argparse.Namespace, table: str = "sweep") -> dict | None:
+    """``<table>.launcher`` of ``cfg`` (a name or a table) updated with the launcher flags; None if neither."""
+    given = (cfg.get(table) or {}).get("launcher")
     launcher = {"name": given} if isinstance(given, str) else dict(given or {})
     if args.launcher:
         launcher["name"] = args.launcher
@@ -197,7 +203,7 @@ def _launcher(cfg: dict, args: argparse.Namespace) -> dict | None:
                 raise ConfigError(f"--slurm-arg {item!r} must look like KEY=VALUE, e.g. account=abc")
             extra[key.strip()] = parse_value(value.strip())
         launcher["slurm_args"] = extra
-    if args.no_wait:
+    if getattr(args, "no_wait", False):
         launcher["wait"] = False
     return launcher or None
 
@@ -220,15 +226,7 @@ def tune_main(argv: Sequence[str] | None = None) -> int:
                         "several machines (default: sqlite:///OUT/study.db)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    group = parser.add_argument_group("launcher (tune.launcher; the table of `curvlab sweep --launcher`)")
-    group.add_argument("--launcher", choices=("local", "submitit", "local-submitit"),
-                       help="local processes (default), one SLURM job per worker through submitit, or submitit's "
-                       "local executor (testing)")
-    for flag, kind, text in (("--partition", str, "SLURM partition"),
-                             ("--timeout-min", float, "job time limit in minutes (default 60)"),
-                             ("--gpus-per-node", int, "GPUs per node (default 0)"),
-                             ("--cpus-per-task", int, "CPUs per task"), ("--mem-gb", float, "memory per node")):
-        group.add_argument(flag, type=kind, help=text)
+    _launcher_flags(parser, "launcher (tune.launcher, a table as sweep.launcher): where the workers run")
     try:
         rest, dotted = parse_overrides(list(sys.argv[1:] if argv is None else argv))
     except ConfigError as err:
@@ -239,15 +237,9 @@ def tune_main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out or Path("tunes") / Path(args.config).stem)
     try:
         cfg = _load(args.config, [*args.set, *dotted])
-        launcher = (cfg.get("tune") or {}).get("launcher")
-        launcher = {"name": launcher} if isinstance(launcher, str) else dict(launcher or {})
-        if args.launcher:
-            launcher["name"] = args.launcher
-        for key in ("partition", "timeout_min", "gpus_per_node", "cpus_per_task", "mem_gb"):
-            if getattr(args, key) is not None:
-                launcher[key] = getattr(args, key)
+        launcher = _launcher(cfg, args, "tune")
         run_tune(cfg, out, trials=args.trials, workers=args.workers, storage=args.storage,
-                 launcher=launcher or None, quiet=args.quiet)
+                 launcher=launcher, quiet=args.quiet)
     except (*_EXPECTED, RuntimeError) as err:
         return _fail(err)
     except KeyboardInterrupt:
