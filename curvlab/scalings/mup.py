@@ -28,7 +28,7 @@ ratios of the reference code, 5.6). Conv layers: width = channels, fan-in = ``c_
 * Units that no adapter claims step with their plain gradient, so a fallback weight gets the SGD row; biases
   of fallback layers and other vector-like parameters (norm gains) keep multiplier 1 and their values (5.2).
   The bias of a preconditioned layer is part of its unit and shares its multiplier, unless the estimator's row
-  gives it its own (``Scale.bias_lr_mult``: Shampoo, whose bias has a diagonal root; see ``_shampoo``).
+  gives it its own (``Scale.curvature_attrs``: Shampoo, whose bias has a diagonal root; see ``_shampoo``).
 * ``norm_weight`` (for rules with a global norm) ``= lr_mult * sqrt(r_in / r_out)``: a muP-correct update of a
   layer has ``||Delta W||_F ~ sqrt(r_out / r_in)``, so ``sum_l norm_weight_l^2 ||d_l||^2`` does not grow with width.
 
@@ -94,11 +94,9 @@ class Scale:
     damping_mult: float = 1.0
     damping_sides: tuple[float, float] | None = None
     damping_style: str | None = None
-    #: the layer's bias, when it needs its own row (its curvature applies ``bias_lr_mult / lr_mult`` to the bias
-    #: part of ``solve`` and ``bias_damping_mult / damping_mult`` to its ridge through ``curvature.bias_scale``);
-    #: ``None``: the bias shares the layer's multipliers
-    bias_lr_mult: float | None = None
-    bias_damping_mult: float | None = None
+    #: ``{attribute: value}`` set on the unit's curvature, which must have the attributes (Shampoo's
+    #: ``bias_scale``: the bias's own row; ISAAC's ``lambda_g_mult``)
+    curvature_attrs: dict[str, Any] | None = None
 
 
 MupRow = Callable[[Layer, dict[str, Any]], Scale]
@@ -195,8 +193,10 @@ def _shampoo(layer: Layer, config: dict[str, Any]) -> Scale:
             f"scaling='mup' with shampoo_grafting={graft!r}: layer {layer.name!r} has a bias, and grafting rescales "
             "weight and bias by one norm although their muP update norms scale differently with width; use "
             "shampoo_grafting=None, layers without bias, or scaling='standard'")
-    return Scale(lr_mult=lr, damping_mult=layer.r_in / layer.r_out if absolute else 1.0,
-                 bias_lr_mult=layer.r_out ** (1.0 - 4.0 * e), bias_damping_mult=layer.r_out ** -2 if absolute else 1.0)
+    damping = layer.r_in / layer.r_out if absolute else 1.0
+    bias_lr, bias_damping = layer.r_out ** (1.0 - 4.0 * e), layer.r_out ** -2 if absolute else 1.0
+    return Scale(lr_mult=lr, damping_mult=damping,
+                 curvature_attrs={"bias_scale": (bias_lr / lr, bias_damping / damping)})
 
 
 @register_mup_estimator("isaac")
@@ -208,11 +208,14 @@ def _isaac(layer: Layer, config: dict[str, Any]) -> Scale:
     like the gradient: the SGD row ``r_out / r_in`` (input: ``lambda_a`` const, LR ``x r``; hidden: ``lambda_a x r``,
     LR const, as 6.6 says). Output layer (6.6): constant ``lambda_a`` and constant LR; there ``A``'s eigenvalues
     ``~ r`` dominate, ``zeta* ~ lambda_a g A^+`` moves the output by O(1). (``lambda_a x r`` with LR ``/ r`` has the
-    same limit, but would also divide the LR of the plain, unpreconditioned output bias by ``r``.)"""
+    same limit, but would also divide the LR of the plain, unpreconditioned output bias by ``r``.)
+    Two-parameter zeta (``isaac_lambda_g``, eq. I.2): ``lambda_g ~ 1/r_out``, the eigenvalue scale of ``G`` (K-FAC's
+    ``rho_B`` row), makes ``lambda_g (G + lambda_g I)^-1`` an O(1) operator, so the rows above are unchanged."""
     _explicit_only("isaac", config, "the width exponents of lambda_a are applied through damping")
+    attrs = {"lambda_g_mult": 1.0 / layer.r_out} if config["isaac_lambda_g"] is not None else None
     if layer.role == "output":
-        return Scale()
-    return Scale(lr_mult=layer.r_out / layer.r_in, damping_mult=layer.r_in)
+        return Scale(curvature_attrs=attrs)
+    return Scale(lr_mult=layer.r_out / layer.r_in, damping_mult=layer.r_in, curvature_attrs=attrs)
 
 
 def _blocks_per_row(layer: Layer, cols: int, c_in: int, config: dict[str, Any]) -> int:
@@ -350,9 +353,9 @@ class MuP(Parameterization):
                 scale = row(layer, cfg)
                 if scale.damping_style is not None and not hasattr(unit.curvature, "damping_style"):
                     raise ValueError(f"unit {unit.name!r}: its curvature has no damping_style to set")
-                if scale.bias_lr_mult is not None and not hasattr(unit.curvature, "bias_scale"):
-                    raise ValueError(f"unit {unit.name!r}: the muP row gives its bias its own multipliers, but its "
-                                     "curvature has no bias_scale to set")
+                missing = [k for k in scale.curvature_attrs or {} if not hasattr(unit.curvature, k)]
+                if missing:
+                    raise ValueError(f"unit {unit.name!r}: its curvature has no {missing} to set")
             elif layer is not None and unit.params[0] is layer.module.weight:
                 scale = Scale(lr_mult=layer.r_out / layer.r_in)   # fallback weight: plain gradient = SGD row
             else:
@@ -366,9 +369,8 @@ class MuP(Parameterization):
                 unit.curvature.damping_style = scale.damping_style
             if scale.damping_sides is not None:
                 unit.set_damping_sides(*scale.damping_sides)
-            if scale.bias_lr_mult is not None:
-                bias_damping = scale.damping_mult if scale.bias_damping_mult is None else scale.bias_damping_mult
-                unit.curvature.bias_scale = (scale.bias_lr_mult / scale.lr_mult, bias_damping / scale.damping_mult)
+            for key, value in (scale.curvature_attrs or {}).items():
+                setattr(unit.curvature, key, value)
             unit.norm_weight = scale.lr_mult * (math.sqrt(layer.r_in / layer.r_out) if layer is not None else 1.0)
 
     @staticmethod
