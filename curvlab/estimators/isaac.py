@@ -210,6 +210,12 @@ class IsaacCurvature(Curvature):
             out = out + self.G @ (out + lam * part) / lam_g
         return self._join(out, None if rest is None else torch.zeros_like(rest))   # plain bias: C = 0
 
+    def damped_mv(self, mat: torch.Tensor) -> torch.Tensor:
+        """The matrix ``solve`` inverts: ``(C + lambda_a I) / lambda_a`` (FOP's ``fop_metric="damped"``)."""
+        if not self.cache:
+            raise RuntimeError(f"layer {self.name!r}: isaac has no factorization yet; refresh first")
+        return self.mv(mat) / self.cache["lam"] + mat
+
     def _lambdas(self) -> tuple[float, float]:
         if "lam_g" not in self.cache or self.G is None:
             raise RuntimeError(f"layer {self.name!r}: the two-parameter zeta's curvature depends on lambda_a and "
