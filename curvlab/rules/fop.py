@@ -17,7 +17,10 @@ Which F projects in (F.2) is ``fop_metric`` [U]: ``"undamped"`` (default) is the
 reading: the paper's KL section defines orthogonality with the undamped F), ``"damped"`` the matrix ``M`` whose
 inverse (F.4)-(F.7) apply (``damped_mv``). Both are legitimate: 2.1's argument that "the same metric in both would
 make D vanish" is about F vs F^-1 (D = <g_avg, M^-1 g_perp> vanishes only if (F.2) used M^-1), not about damped vs
-undamped; with ``M`` in (F.2) and ``M^-1`` in (F.4) D is generically nonzero. Guards (2.6): ``eps = 1e-12 |<g_avg, F g_avg>|``
+undamped; with ``M`` in (F.2) and ``M^-1`` in (F.4) D is generically nonzero. Ablation (``analysis/fop_metric.py``; K-FAC,
+digits MLP 64-64-64-10, batch 256, 10 epochs, seeds 0-2, lr {0.03, 0.1, 0.3} chosen on validation accuracy; mean
+test accuracy): damping 1e-3: undamped 0.9719, damped 0.9719; damping 0.1: undamped 0.9681, damped 0.9689 (seed
+spread 0.967-0.973). No measurable difference: the default stays ``"undamped"``. Guards (2.6): ``eps = 1e-12 |<g_avg, F g_avg>|``
 (relative only: the floor ``max(1, .)`` suggested in 2.1 swamps small gradients and breaks (F.3)); ``beta* = 0`` when ``E <= fop_tau * <g_avg, M^-1 g_avg>`` (the halves agree);
 ``eta* = 1`` when ``<g_comb, M^-1 g_comb>`` is not positive. ``fop_gtot="avg"`` (default, ``eta*`` in
 [1/3, 1]) or ``"sum"`` (``g_tot = g1 + g2``, twice that) [U]. Units without curvature (first-order
