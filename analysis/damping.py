@@ -68,7 +68,7 @@ BUDGET_FACTOR = 2.0      # adaptive runs get this many times the fixed budget (r
 CLAIM_RATIO = 1.5        # the claim: adaptive reaches L* within 1.5x the best fixed run's steps
 SMOOTH = 3               # trailing window (in evaluations) of the smoothed loss
 RHO_CLIP = 30.0          # the rho panel shows values clipped to [-30, 30] (-inf: a non-finite loss after the step)
-EXTRA = {"miniblock": {"miniblock_mode": "woodbury", "miniblock_window": 1}}
+EXTRA = {"miniblock": {"miniblock_mode": "woodbury", "miniblock_window": 1, "ema_decay": 0.0}}   # one batch: no EMA
 
 
 def smooth(values: list[float], window: int = SMOOTH) -> list[float]:

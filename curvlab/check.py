@@ -110,10 +110,38 @@ def estimator_table(estimators: list[str] | None = None) -> str:
     return "\n".join(lines)
 
 
+def damping_table(estimators: list[str] | None = None, threshold: float = 1.0) -> str:
+    """Per estimator (its default hyper-parameters), after one statistics step and refresh on the small CNN:
+    every layer's damping against its curvature's eigenvalues (:mod:`curvlab.diagnostics`), flagging layers where
+    the damping exceeds ``threshold`` times the mean eigenvalue."""
+    from .diagnostics import damping_report, format_damping
+    from .registry import ESTIMATORS
+
+    model, x, y = small_cnn_case()
+    lines = [f"damping vs the curvature's eigenvalues (small CNN, N=16, each estimator's defaults; SWAMPED: damping > "
+             f"{threshold:g} x mean eigenvalue):"]
+    for name in estimators or ESTIMATORS.names():
+        net = copy.deepcopy(model)
+        fisher_types = ESTIMATORS.get(name).fisher_types
+        opt = optimizer(net, name, "natural", fisher="type2" if "type2" in fisher_types else fisher_types[0])
+        try:
+            F.cross_entropy(net(x), y).backward()
+            opt.update_curvature()
+            opt.refresh()
+            rows = damping_report(opt)
+        finally:
+            if opt.capture:
+                opt.capture.remove()
+        lines.append(f" {name} (damping={opt.param_groups[0]['damping']:g})")
+        lines.append(format_damping(rows, threshold))
+    return "\n".join(lines)
+
+
 def run_default_check(estimator: str | None = None) -> str:
     reports = []
     for title, model, xs, ys, loss, fisher in default_cases():
         rows = check_estimator(model, xs, ys, estimator or "kfac", loss=loss, fisher=fisher)
         reports.append(format_report(f"{title}  [estimator={estimator or 'kfac'}, fisher={fisher}]", rows))
     reports.append(estimator_table([estimator] if estimator else None))
+    reports.append(damping_table([estimator] if estimator else None))
     return "\n".join(reports)

@@ -1,7 +1,8 @@
 """The muP coordinate check (ALGORITHMS.md sections 5.4 and 8; Ishikawa & Karakida, ICLR 2024, Figure 1).
 
 A 3-layer MLP ``d_in -> M -> M -> d_out`` (ReLU) is trained a few steps on one small fixed batch at every width
-``M``; after each step we record the per-coordinate RMS change, against the initial network on the same batch, of
+``M`` (with biases by default, as the models of the width-transfer figure have them; ``bias=False`` is the
+section-8 network); after each step we record the per-coordinate RMS change, against the initial network on the same batch, of
 
 * ``input``: the input layer's pre-activation ``u = W_1 x``,
 * ``hidden``: the last hidden activation ``h = relu(W_2 relu(u))``,
@@ -83,8 +84,8 @@ class CoordCheck:
         return asdict(self)
 
 
-def mlp3(width: int, d_in: int = 32, d_out: int = 4, bias: bool = False) -> nn.Sequential:
-    """The section-8 network ``d_in -> width -> width -> d_out`` with ReLU."""
+def mlp3(width: int, d_in: int = 32, d_out: int = 4, bias: bool = True) -> nn.Sequential:
+    """The section-8 network ``d_in -> width -> width -> d_out`` with ReLU (with biases unless ``bias=False``)."""
     return nn.Sequential(nn.Linear(d_in, width, bias=bias), nn.ReLU(), nn.Linear(width, width, bias=bias), nn.ReLU(),
                          nn.Linear(width, d_out, bias=bias))
 
@@ -106,7 +107,7 @@ def _data(seed: int, batch: int, d_in: int, d_out: int, loss: str, dtype: torch.
 
 def coord_check(estimator: str = "kfac", scaling: str = "mup", widths: Sequence[int] = (64, 128, 256, 512, 1024),
                 steps: int = 3, *, rule: str = "natural", d_in: int = 32, d_out: int = 4, batch: int = 8,
-                loss: str = "mse", seeds: int = 1, bias: bool = False, dtype: torch.dtype = torch.float64,
+                loss: str = "mse", seeds: int = 1, bias: bool = True, dtype: torch.dtype = torch.float64,
                 progress: bool = False, **hyper: Any) -> CoordCheck:
     """Train :func:`mlp3` for ``steps`` steps at every width and record the RMS changes (module doc).
 
@@ -202,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--loss", default="mse", choices=["mse", "cross_entropy"])
-    p.add_argument("--bias", action="store_true", help="give the layers biases (section 8 has none)")
+    p.add_argument("--bias", action=argparse.BooleanOptionalAction, default=True,
+                   help="give the layers biases (default; --no-bias: none, as in section 8)")
     p.add_argument("--lr", type=float)
     p.add_argument("--damping", type=float)
     p.add_argument("--set", dest="extra", action="append", type=_key_value, default=[], metavar="KEY=VALUE",

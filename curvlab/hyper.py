@@ -233,7 +233,8 @@ def resolve(given: Mapping[str, Any], options: Mapping[str, Option]) -> dict[str
 def declared_defaults(estimator: type, rule: type, scaling: type, config: Mapping[str, Any]) -> dict[str, Any]:
     """The defaults the components of an (estimator, rule, scaling) triple declare, merged by precedence.
 
-    ``estimator.defaults`` (without ``kl_clip`` unless ``rule.trust_region``; an option the rule's or the scaling's
+    ``estimator.defaults`` and ``estimator.defaults_for(rule name, config)`` if it has one (without ``kl_clip``
+    unless ``rule.trust_region``; an option the rule's or the scaling's
     option table declares is left to that table), then ``rule.defaults``, then ``estimator.rule_defaults.get(rule
     name)``, then ``scaling.defaults_for(estimator name, rule name, config)``; each later table wins. ``config`` is
     the configuration resolved without them (the user's values and the option tables' defaults), for defaults that
@@ -242,6 +243,9 @@ def declared_defaults(estimator: type, rule: type, scaling: type, config: Mappin
     """
     est_name, rule_name = getattr(estimator, "registry_name", ""), getattr(rule, "registry_name", "")
     out = dict(getattr(estimator, "defaults", {}) or {})
+    by_estimator = getattr(estimator, "defaults_for", None)
+    if by_estimator is not None:
+        out.update(by_estimator(rule_name, config) or {})
     if not getattr(rule, "trust_region", False):
         out.pop("kl_clip", None)          # a rule that does not apply the KL clip never gets it by default
     for key in getattr(rule, "options", {}):

@@ -98,6 +98,13 @@ class Unit:
         """Undamped curvature times ``tensors``; identity for fallback units."""
         return self._apply("mv", tensors)
 
+    def damped_mv(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The damped matrix that :meth:`solve` inverts, times ``tensors`` (curvatures with ``damped_mv``)."""
+        if self.active and not hasattr(self.curvature, "damped_mv"):
+            raise ValueError(f"unit {self.name!r}: {type(self.curvature).__name__} has no damped_mv (the damped "
+                             "matrix its solve inverts; K-FAC and ISAAC have one); use fop_metric='undamped'")
+        return self._apply("damped_mv", tensors)
+
 
 def inner(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> torch.Tensor:
     """Sum of elementwise products over a unit's tensors, accumulated in float32 or better."""

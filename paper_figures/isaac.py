@@ -6,8 +6,8 @@ What it reproduces (ALGORITHMS.md 6.4-6.5): the setting of the paper's experimen
 MNIST, batch 60, widths 100/400/1600) and its runtime table (batch 60, GPU time per epoch: gradient 8.22 s,
 zeta* 10.24 s, K-FAC via BackPACK 1320.81 s for the 6400-wide MLP), read as the claims of the autoencoder
 experiment: "zeta* ~ K-FAC per step, much faster per second; a plain gradient step only ~10% faster than
-zeta*". E1 itself is a (lambda_g, lambda_a) heat-map, not reproduced: here lambda_g = inf (ISAAC's zeta*)
-and lambda_a is fixed. The paper's figures are per-epoch curves for tuned learning rates; no numbers from
+zeta*". The curves use lambda_g = inf (ISAAC's zeta*) and a fixed lambda_a; E1's (lambda_g, lambda_a)
+heat-map is ``--figure e1`` (below). The paper's figures are per-epoch curves for tuned learning rates; no numbers from
 them are compared here except the relative step cost.
 
 What agrees / differs (see the printed table of a run; the docstring cannot know the outcome):
@@ -40,6 +40,13 @@ autograd (an extra ``d_out R n`` product per layer) instead of replacing the wei
 the official autograd Function does, and the per-layer Python overhead is large at this size on one
 thread. All timings were taken under heavy machine load. The ``full`` mode has not been run.
 
+``--figure e1`` (the paper's E1 heat-map, Figure 2 of the draft): final test accuracy of the two-parameter zeta
+(eq. I.2, ``isaac_lambda_g``; the ``inf`` column is zeta*) over a (lambda_g, lambda_a) grid, vanilla SGD updates,
+MC Fisher for ``G``. Per cell the lr is chosen from the mode's ``e1_lrs`` by the final TRAIN loss on the eval subset
+(never the test set); the test accuracy of that choice is shown. Grids: quick 4 x 4 (width ``e1_width``, fewer
+steps than the curves), full the paper's [1e-6, 1e6] in decades; the paper's claim to check is that accuracy does
+not degrade as lambda_g -> inf. Writes ``isaac_e1_heatmap.png/.pdf/.json``.
+
 Outputs (``--out``): ``isaac_mnist_mlp.png/.pdf`` (test accuracy and train loss vs step and vs optimizer
 wall-clock), ``isaac_mnist_mlp.json`` (setup, table, lr grids, every trace) and a printed table.
 """
@@ -62,12 +69,16 @@ from curvlab.models import mlp
 #: for every method: the paper's grid {1, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001} (full) or its top four (quick).
 MODES: dict[str, dict[str, Any]] = {
     "tiny": dict(num_train=256, num_eval=256, num_test=64, width=16, depth=4, batch=32, steps=8, tune_steps=None,
-                 eval_every=4, lr_scales=(1.0,), seeds=1, bench_steps=2),
+                 eval_every=4, lr_scales=(1.0,), seeds=1, bench_steps=2,
+                 e1_width=16, e1_steps=8, e1_lambda_g=(1.0, None), e1_lambda_a=(1.0, 10.0), e1_lrs=(0.3,)),
     "quick": dict(num_train=10000, num_eval=2000, num_test=2000, width=400, depth=4, batch=60, steps=500,
-                  tune_steps=200, eval_every=25, lr_scales=(0.3, 1.0, 3.0, 10.0), seeds=1, bench_steps=30),
+                  tune_steps=200, eval_every=25, lr_scales=(0.3, 1.0, 3.0, 10.0), seeds=1, bench_steps=30,
+                  e1_width=100, e1_steps=300, e1_lambda_g=(1e-3, 1e-1, 10.0, None), e1_lambda_a=(0.1, 1.0, 10.0, 100.0),
+                  e1_lrs=(0.3, 1.0)),
     "full": dict(num_train=None, num_eval=10000, num_test=None, width=400, depth=4, batch=60, steps=20000,
                  tune_steps=3000, eval_every=500, lr_scales=(0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0), seeds=3,
-                 bench_steps=100),
+                 bench_steps=100, e1_width=400, e1_steps=20000, e1_lambda_g=tuple(10.0 ** k for k in range(-6, 7))
+                 + (None,), e1_lambda_a=tuple(10.0 ** k for k in range(-6, 7)), e1_lrs=(0.1, 0.3, 1.0)),
 }
 
 METHODS: list[dict[str, Any]] = [
@@ -85,6 +96,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--width", type=int, default=None,
                         help="hidden width (default: the mode's; paper 100/400/1600)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: leave as is)")
+    parser.add_argument("--figure", choices=("curves", "e1"), default="curves",
+                        help="curves: ISAAC vs SGD vs K-FAC; e1: the (lambda_g, lambda_a) heat-map of the paper's E1")
     args = parser.parse_args(argv)
     cfg = dict(MODES[args.mode])
     if args.width:
@@ -112,6 +125,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             return {"train_loss": evaluate(model, x_eval, y_eval, "classification")[0], "test_loss": test_loss,
                     "test_accuracy": test_acc}
 
+    if args.figure == "e1":
+        return e1_heatmap(args, cfg, name, make_model, x_train, y_train, evaluate_fn)
     train = train_fn(x_train, y_train, F.cross_entropy, cfg["batch"], cfg["steps"], cfg["eval_every"],
                      evaluate_fn, progress=args.mode != "tiny")
     tune = None if cfg["tune_steps"] is None else train_fn(
@@ -141,6 +156,57 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return publish(args.out, "isaac_mnist_mlp", fig, results, rows, setup, bench, COLUMNS,
                    threshold_note=f"threshold = SGD's final test accuracy = {threshold}",
                    score_name="final test accuracy", bench_steps=cfg["bench_steps"])
+
+
+def e1_heatmap(args: Any, cfg: dict[str, Any], data_name: str, make_model: Any, x_train: torch.Tensor,
+               y_train: torch.Tensor, evaluate_fn: Any) -> dict[str, Any]:
+    """E1: the two-parameter zeta over the (lambda_g, lambda_a) grid (module doc); returns the numbers."""
+    import curvlab
+    from curvlab.figures import save_figure, write_numbers
+    from matplotlib.figure import Figure
+
+    cfg = {**cfg, "width": cfg["e1_width"]}
+    train = train_fn(x_train, y_train, F.cross_entropy, cfg["batch"], cfg["e1_steps"], cfg["e1_steps"], evaluate_fn,
+                     progress=False)
+    lam_gs, lam_as = list(cfg["e1_lambda_g"]), list(cfg["e1_lambda_a"])
+    cells = []
+    for lam_g in lam_gs:
+        for lam_a in lam_as:
+            runs = []
+            for lr in cfg["e1_lrs"]:
+                model = make_model(args.seed)
+                opt = curvlab.optimizer(model, "isaac", lr=lr, damping=lam_a, isaac_lambda_g=lam_g, momentum=0.0,
+                                        fisher="mc", seed=args.seed)
+                last = train(model, opt, args.seed).rows[-1]
+                loss = last["train_loss"]
+                runs.append({"lr": lr, "train_loss": loss if loss == loss else float("inf"),
+                             "test_accuracy": last["test_accuracy"]})
+            best = min(runs, key=lambda r: r["train_loss"])
+            cells.append({"lambda_g": lam_g, "lambda_a": lam_a, **best, "grid": runs})
+            print(f"lambda_g={'inf' if lam_g is None else f'{lam_g:g}':>6} lambda_a={lam_a:<6g} lr={best['lr']:<5g} "
+                  f"train loss {best['train_loss']:.4g}  test accuracy {best['test_accuracy']:.4f}")
+    acc = [[next(c["test_accuracy"] for c in cells if c["lambda_g"] == g and c["lambda_a"] == a) for g in lam_gs]
+           for a in lam_as]
+    fig = Figure(figsize=(1.2 * len(lam_gs) + 2.5, 0.9 * len(lam_as) + 1.8), layout="constrained")
+    ax = fig.subplots()
+    im = ax.imshow(acc, origin="lower", cmap="viridis", aspect="auto")
+    for i, row in enumerate(acc):
+        for j, v in enumerate(row):
+            ax.text(j, i, f"{v:.3f}", ha="center", va="center", fontsize=7, color="w")
+    ax.set_xticks(range(len(lam_gs)), ["inf (zeta*)" if g is None else f"{g:g}" for g in lam_gs], fontsize=7)
+    ax.set_yticks(range(len(lam_as)), [f"{a:g}" for a in lam_as], fontsize=7)
+    ax.set_xlabel("lambda_g")
+    ax.set_ylabel("lambda_a")
+    fig.colorbar(im, label="final test accuracy")
+    ax.set_title(f"E1: zeta (eq. I.2), {cfg['depth'] + 1}-layer ReLU MLP width {cfg['width']}, {cfg['e1_steps']} "
+                 f"steps ({args.mode} mode)", fontsize=8)
+    save_figure(fig, args.out, "isaac_e1_heatmap")
+    data = {"setup": {"paper": "Petersen et al., ICLR 2023, E1", "mode": args.mode, "data": data_name,
+                      "width": cfg["width"], "steps": cfg["e1_steps"], "batch": cfg["batch"], "seed": args.seed,
+                      "lrs": list(cfg["e1_lrs"]), "selection": "final train loss (eval subset of the training set)"},
+            "lambda_g": lam_gs, "lambda_a": lam_as, "cells": cells}
+    write_numbers(args.out, "isaac_e1_heatmap", data)
+    return data
 
 
 if __name__ == "__main__":

@@ -240,7 +240,7 @@ def test_bad_configurations_name_the_layer_and_the_remedy(caplog):
     with pytest.raises(ValueError, match="miniblock_conv"):
         curvlab.optimizer(mlp(), "miniblock", miniblock_conv="kernels")
     with caplog.at_level(logging.WARNING, logger="curvlab"):
-        fitted(mlp(), [data(4, (12,))], miniblock_mode="woodbury", ema_decay=0.9)
+        fitted(mlp(), [data(4, (12,))], miniblock_mode="woodbury", ema_decay=0.9, miniblock_window=2)
     assert "truncated" in caplog.text
 
 
@@ -271,3 +271,14 @@ def test_row_statistics_kernels_against_einsum(width, m, d_out):
         ac = a[:, cols]
         expected = torch.einsum("ni,nck,ncl->ickl", g.square(), ac, ac).reshape(-1, *cols.shape[1:] * 2)
         assert_close(_row_stats(a, g, cols), expected, what=f"blocks of size {cols.shape[1]}")
+
+
+def test_woodbury_refuses_an_ema_it_would_drop_and_auto_avoids_it():
+    """miniblock_window=1 keeps one batch: an ema_decay > 0 would be silently ignored (the MBF figure's setting)."""
+    with pytest.raises(curvlab.HyperParameterError, match=r"ema_decay=0.95 would be ignored.*miniblock_window >= 2"):
+        curvlab.optimizer(mlp(), "miniblock", miniblock_mode="woodbury", ema_decay=0.95)
+    batches = [data(4, (300,), seed=8), data(4, (300,), seed=9)]
+    auto = fitted(mlp(7, d_in=300), batches, miniblock_memory_mb=5.0, damping=0.1, ema_decay=0.5)
+    assert auto.units[0].curvature.mode == "chunked"                # honours the EMA instead of Woodbury
+    kept = fitted(mlp(7, d_in=300), batches, miniblock_memory_mb=5.0, damping=0.1, ema_decay=0.5, miniblock_window=2)
+    assert kept.units[0].curvature.mode == "woodbury"

@@ -188,3 +188,16 @@ def test_tiny_mode_writes_figures_and_numbers(tmp_path, name, stem, methods):
     for label in methods:
         rows = saved["methods"][label]["traces"][0]["rows"]
         assert [r["step"] for r in rows] == [0, 4, 8] and rows[-1]["time_s"] > 0
+
+
+def test_isaac_e1_heatmap_tiny_mode(tmp_path):
+    """The E1 (lambda_g, lambda_a) heat-map: one cell per grid point, the lambda_g = inf column is zeta*."""
+    threads = torch.get_num_threads()
+    try:
+        out = load_script("isaac").main(["--mode", "tiny", "--figure", "e1", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    assert (tmp_path / "isaac_e1_heatmap.png").stat().st_size > 0
+    saved = json.loads((tmp_path / "isaac_e1_heatmap.json").read_text())
+    assert saved["lambda_g"] == [1.0, None] and len(saved["cells"]) == 4 == len(out["cells"])
+    assert all(0.0 <= c["test_accuracy"] <= 1.0 for c in saved["cells"])

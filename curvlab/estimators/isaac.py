@@ -38,6 +38,16 @@ Options (each a documented reading of a [U] choice; defaults follow the official
   ``ema_decay`` (a FOOF / "K-FAC with G = I" variant, not the paper's method); only the direct branch is
   possible then, and the factorization is refreshed every ``inv_interval`` steps as for K-FAC.
 
+* ``isaac_lambda_g``: ``None`` (default) is ISAAC's ``zeta*`` (Theorem 3, ``lambda_g -> inf``); a number gives
+  the two-parameter ``zeta`` of eq. I.2, ``lambda_g lambda_a (G + lambda_g I)^-1 grad_W (A + lambda_a I)^-1``,
+  with ``G = Gbar^T Gbar / b`` K-FAC's output factor from the ``fisher`` vectors (``mc``: sampled labels,
+  the paper's ``Gbar``; ``type2``; ``empirical``), of the current batch (EMA'd with ``isaac_ema``), inverted
+  directly (``d_out x d_out``, Cholesky). The output side acts on the preconditioned columns only (a
+  ``"plain"`` bias stays the plain gradient, as in ``zeta*``). Then ``solve = lambda_a (C + lambda_a I)^-1``
+  still holds with ``C = I (x) A + G (x) (A + lambda_a I) / lambda_g`` (``mv``, ``dense``), which is ``I (x) A``
+  at ``lambda_g = inf``. ``lambda_g`` is absolute, times ``lambda_g_mult`` (1; muP sets ``1 / r_out``, the
+  eigenvalue scale of ``G``, as for K-FAC's ``rho_B``). ``isaac_lambda_g=None`` is bit for bit ``zeta*``.
+
 ``damping`` must be > 0 (with ``lambda_a = 0`` the step is the projection of ``V`` onto the null space of
 ``X``, which is 0 for the gradient). Cost per layer and step: forming ``X X^T`` (``R^2 n``) and its Cholesky
 (``R^3 / 3``) plus two products with ``V`` (``2 d_out R n``) in the Woodbury branch; ``R n^2 + n^3 / 3 +
@@ -51,7 +61,7 @@ from typing import Any
 import torch
 
 from ..curvature import Curvature, Estimator
-from ..hyper import HyperParameterError, Option, boolean, one_of
+from ..hyper import HyperParameterError, Option, boolean, one_of, optional_positive
 from ..kernels import gram
 from ..linalg import NumericsEvent, add_diagonal, spd_inverse, symmetrize
 from ..registry import register_estimator
@@ -90,7 +100,11 @@ class IsaacCurvature(Curvature):
         self.n = self.shape[1] - int(self.bias_plain)          # preconditioned columns
         self.X: torch.Tensor | None = None                     # X / sqrt(b), (R, n)   (batch mode)
         self.A: torch.Tensor | None = None                     # EMA of X^T X / b      (isaac_ema)
-        self.cache: dict[str, Any] = {}                        # branch, lam, factor
+        self.cache: dict[str, Any] = {}                        # branch, lam, factor (+ lam_g, factor_g)
+        self.lambda_g: float | None = self.config["isaac_lambda_g"]
+        self.G: torch.Tensor | None = None                     # output factor (two-parameter zeta only)
+        #: multiplier of ``isaac_lambda_g`` (set by a parameterization: muP)
+        self.lambda_g_mult: float = 1.0
 
     # -- statistics ------------------------------------------------------------------------------------
     def statistics(self, stats: LayerStats) -> dict[str, torch.Tensor]:
@@ -100,12 +114,17 @@ class IsaacCurvature(Curvature):
         n_ex, t, d = rows.shape
         b = n_ex * (t if self.config["isaac_average"] == "rows" else 1)
         x = rows.reshape(n_ex * t, d) / math.sqrt(b)          # so that X^T X / b = x^T x
-        if self.config["isaac_ema"]:
-            return {"A": x.T @ x}
-        return {"X": x}
+        out = {"A": x.T @ x} if self.config["isaac_ema"] else {"X": x}
+        if self.lambda_g is not None:
+            kind = "real" if self.config["fisher"] == "empirical" else "fisher"
+            out["G"] = stats.kron_factors(kind)[1]
+        return out
 
     def accumulate(self, new: dict[str, torch.Tensor], ema_decay: float) -> None:
-        if self.config["isaac_ema"]:
+        ema = self.config["isaac_ema"]
+        if "G" in new:
+            self.G = self.ema(self.G, new["G"], ema_decay) if ema else new["G"]
+        if ema:
             self.A = self.ema(self.A, new["A"], ema_decay)
             return
         self.X = new["X"]                                      # official method: current batch only
@@ -135,6 +154,12 @@ class IsaacCurvature(Curvature):
             # right-hand sides in row-major layout copies and runs ~20x slower on CPU)
             factor = ("inv", torch.cholesky_inverse(factor[1]))
         self.cache = {"branch": branch, "lam": float(damping), "factor": factor}
+        if self.lambda_g is not None and self.G is not None:
+            lam_g = self.lambda_g * self.lambda_g_mult
+            factor_g = _spd_factor(add_diagonal(self.G, lam_g), f"{self.name} (isaac G side)", self.events)
+            if factor_g[0] == "chol" and self.G.shape[0] <= _INV_MAX:
+                factor_g = ("inv", torch.cholesky_inverse(factor_g[1]))
+            self.cache.update(lam_g=lam_g, factor_g=factor_g)
 
     @property
     def branch(self) -> str | None:
@@ -161,6 +186,8 @@ class IsaacCurvature(Curvature):
             out = part - coef @ self.X
         else:
             out = _spd_solve(factor, part.T).T * lam
+        if "factor_g" in self.cache:                          # eq. I.2: lambda_g (G + lambda_g I)^-1 on the left
+            out = _spd_solve(self.cache["factor_g"], out) * self.cache["lam_g"]
         return self._join(out, rest)                          # plain bias: unchanged
 
     def _gram(self) -> torch.Tensor:
@@ -178,7 +205,22 @@ class IsaacCurvature(Curvature):
             out = (part @ self.X.T) @ self.X
         else:
             raise RuntimeError(f"layer {self.name!r} has no isaac statistics yet: run a forward/backward first")
+        if self.lambda_g is not None:                         # + G V (A + lambda_a I) / lambda_g (module doc)
+            lam, lam_g = self._lambdas()
+            out = out + self.G @ (out + lam * part) / lam_g
         return self._join(out, None if rest is None else torch.zeros_like(rest))   # plain bias: C = 0
+
+    def damped_mv(self, mat: torch.Tensor) -> torch.Tensor:
+        """The matrix ``solve`` inverts: ``(C + lambda_a I) / lambda_a`` (FOP's ``fop_metric="damped"``)."""
+        if not self.cache:
+            raise RuntimeError(f"layer {self.name!r}: isaac has no factorization yet; refresh first")
+        return self.mv(mat) / self.cache["lam"] + mat
+
+    def _lambdas(self) -> tuple[float, float]:
+        if "lam_g" not in self.cache or self.G is None:
+            raise RuntimeError(f"layer {self.name!r}: the two-parameter zeta's curvature depends on lambda_a and "
+                               "lambda_g; run opt.step() (or opt.update_curvature() then opt.refresh()) first")
+        return self.cache["lam"], self.cache["lam_g"]
 
     def dense(self) -> torch.Tensor:
         second = self._gram()
@@ -186,14 +228,21 @@ class IsaacCurvature(Curvature):
         a = second.new_zeros(cols, cols)
         a[: self.n, : self.n] = second
         eye = torch.eye(self.shape[0], dtype=second.dtype, device=second.device)
-        return self._param_dense(torch.kron(eye, a))
+        c = torch.kron(eye, a)
+        if self.lambda_g is not None:
+            lam, lam_g = self._lambdas()
+            damped = a.clone()
+            damped[: self.n, : self.n] += lam * torch.eye(self.n, dtype=a.dtype, device=a.device)
+            c = c + torch.kron(self.G, damped) / lam_g
+        return self._param_dense(c)
 
     # -- checkpoints -----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"X": self.X, "A": self.A, "cache": dict(self.cache)}
+        return {"X": self.X, "A": self.A, "G": self.G, "cache": dict(self.cache)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.X, self.A, self.cache = state["X"], state["A"], dict(state["cache"])
+        self.G = state.get("G")
 
 
 @register_estimator("isaac")
@@ -209,6 +258,9 @@ class ISAAC(Estimator):
                                 "b in X^T X / b: number of examples N (as K-FAC's A) or rows N*T (conv/sequence)"),
         "isaac_ema": Option(False, boolean,
                             "False: current batch only, ema_decay ignored (official); True: EMA of X^T X / b"),
+        "isaac_lambda_g": Option(None, optional_positive,
+                                 "None: zeta* (lambda_g = inf, eq. I.6); a number: the two-parameter zeta of eq. I.2 "
+                                 "with output-side damping lambda_g (needs fisher vectors)"),
         "isaac_fused": Option(False, boolean,
                               "True: zeta* computed inside backward instead of the weight gradient (Linear layers, "
                               "rules natural/sngm; weight .grad then holds the ISAAC direction; "
@@ -225,7 +277,7 @@ class ISAAC(Estimator):
     #: quadratic model, where 10 over-damps the step (0.75-0.97; 1.0: 0.95-0.99)
     defaults = {"lr": 1.0, "damping": 10.0, "momentum": 0.5, "kl_clip": None}
     rule_defaults = {"qmodel": {"damping": 1.0}}
-    fisher_types = ("empirical", "mc", "type2")               # ignored: ISAAC uses no output statistics
+    fisher_types = ("empirical", "mc", "type2")               # used only by the two-parameter zeta (isaac_lambda_g)
     curvature_class = IsaacCurvature
 
     def __init__(self, config: dict[str, Any]) -> None:
@@ -235,6 +287,10 @@ class ISAAC(Estimator):
                                       "not keep; use isaac_branch='auto' or 'direct' with isaac_ema=True")
 
         if config["isaac_fused"]:
+            if config["isaac_lambda_g"] is not None:
+                raise HyperParameterError("isaac_fused=True computes zeta* (lambda_g = inf) inside backward; the "
+                                          "two-parameter zeta (isaac_lambda_g) needs the output factor G: set "
+                                          "isaac_lambda_g=None or isaac_fused=False")
             if config["isaac_ema"]:
                 raise HyperParameterError("isaac_fused=True uses the current batch inside backward; it has no "
                                           "isaac_ema=True variant")
@@ -250,4 +306,8 @@ class ISAAC(Estimator):
         return super().create(name, module, adapter, events)
 
     def captures(self) -> set[str]:
-        return set() if self.config["isaac_fused"] else {"inputs"}
+        if self.config["isaac_fused"]:
+            return set()
+        if self.config["isaac_lambda_g"] is None:
+            return {"inputs"}
+        return {"inputs", "real_grads" if self.config["fisher"] == "empirical" else "fisher_grads"}

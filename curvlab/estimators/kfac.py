@@ -27,7 +27,8 @@ Kronecker order is ``G (x) A`` -- ALGORITHMS.md writes the column-major ``A (x) 
   ``pi`` style they multiply ``pi sqrt(lambda)`` and ``sqrt(lambda)/pi``, in the ``exact`` style their product
   multiplies ``lambda``. With the default ``(1, 1)`` the ``pi`` and ``exact`` styles are bit-for-bit the
   plain formulas above. A parameterization may also set a layer's ``damping_style`` (muP's ``mup_damping``);
-* ``solve(V) = G_d^-1 V A_d^-1`` (eq. K.6), ``mv(V) = G V A`` (undamped), ``dense() = G (x) A``.
+* ``solve(V) = G_d^-1 V A_d^-1`` (eq. K.6), ``mv(V) = G V A`` (undamped), ``damped_mv(V) = G_d V A_d`` (the
+  matrix ``solve`` inverts; FOP's ``fop_metric="damped"``), ``dense() = G (x) A``.
 
 Bias is folded into ``A`` through the homogeneous coordinate (the choice for which the exactness cases of
 ALGORITHMS.md 7.2 hold); ASDL's "bias with G only" is not implemented.
@@ -71,6 +72,8 @@ class KroneckerCurvature(Curvature):
         self.damping_style: str = self.config["damping_style"]
         #: per-side damping multipliers ``(m_A, m_G)``; see the module docstring
         self.damping_sides: tuple[float, float] = (1.0, 1.0)
+        #: the damping of the last refresh: ``(rho_A, rho_G)`` (factored styles) or ``lambda`` ("exact")
+        self.damped: tuple[float, float] | float | None = None
 
     @property
     def ready(self) -> bool:
@@ -95,8 +98,10 @@ class KroneckerCurvature(Curvature):
             eg, qg = psd_eigh(self.G, self.name, self.events)
             self.inverses = {"QA": qa, "eA": ea, "QG": qg, "eG": eg,
                              "lam": torch.tensor(damping * side_a * side_g, dtype=self.dtype)}
+            self.damped = damping * side_a * side_g
             return
         rho_a, rho_g = self.side_damping(damping)
+        self.damped = (rho_a, rho_g)
         self.inverses = {
             "A_inv": spd_inverse(add_diagonal(self.A, rho_a), f"{self.name} (factor A)", self.events),
             "G_inv": spd_inverse(add_diagonal(self.G, rho_g), f"{self.name} (factor G)", self.events),
@@ -132,17 +137,27 @@ class KroneckerCurvature(Curvature):
     def mv(self, mat: torch.Tensor) -> torch.Tensor:
         return self.G @ mat @ self.A
 
+    def damped_mv(self, mat: torch.Tensor) -> torch.Tensor:
+        """The damped matrix ``solve`` inverts: ``G_d V A_d`` (factored styles) or ``G V A + lambda V`` (exact)."""
+        if self.damped is None:
+            raise RuntimeError(f"layer {self.name!r} has no damped K-FAC factors yet: refresh first")
+        if isinstance(self.damped, tuple):
+            rho_a, rho_g = self.damped
+            return (self.G @ mat + rho_g * mat) @ self.A + rho_a * (self.G @ mat + rho_g * mat)
+        return self.G @ mat @ self.A + self.damped * mat
+
     def dense(self) -> torch.Tensor:
         if self.A is None:
             raise RuntimeError(f"layer {self.name!r} has no K-FAC statistics yet: run a forward/backward first")
         return self._param_dense(torch.kron(self.G, self.A))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"A": self.A, "G": self.G, "inverses": dict(self.inverses)}
+        return {"A": self.A, "G": self.G, "inverses": dict(self.inverses), "damped": self.damped}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.A, self.G = state["A"], state["G"]
         self.inverses = dict(state["inverses"])
+        self.damped = state.get("damped")
 
 
 @register_estimator("kfac")

@@ -28,7 +28,9 @@ Storage modes (``miniblock_mode``, per layer; 3.2 (a)-(c)):
 * ``"direct"``: stored blocks and their inverses (size <= 32) or Cholesky factors, ``2 sum_b m_b^2`` numbers;
 * ``"woodbury"`` (eq. M.9, one block per row of a Linear layer on 2-D inputs): keeps ``Z_i = diag(g_i) Abar
   / sqrt(N)`` in factored form and one ``R x R`` core per row (``R`` = examples kept), exact for
-  ``ema_decay=0``; with ``ema_decay>0`` it is an EMA truncated to the last ``miniblock_window`` batches;
+  ``ema_decay=0``; with ``ema_decay>0`` it is an EMA truncated to the last ``miniblock_window`` batches, so
+  ``ema_decay > 0`` needs ``miniblock_window >= 2`` (with one batch kept the EMA would be silently dropped: refused
+  at construction, and ``"auto"`` then never picks Woodbury);
 * ``"chunked"``: the direct mode with every block split into contiguous chunks of ``<= miniblock_chunk``;
 * ``"auto"`` (default): direct if it fits ``miniblock_memory_mb``, else Woodbury if it applies and fits,
   else chunked (the chunk halved until it fits). Decided at the first statistics step and logged.
@@ -61,6 +63,11 @@ def _size(name: str, value: Any) -> int | str | None:
         raise HyperParameterError(f"{name} must be None (one block per row), a positive int (chunk size) or "
                                   f"'layer' (one block per layer), got {value!r}")
     return value
+
+
+def _drops_ema(cfg: dict[str, Any]) -> bool:
+    """Woodbury mode keeps ``miniblock_window`` batches; with one, an ``ema_decay > 0`` would have no effect."""
+    return cfg["ema_decay"] > 0 and cfg["miniblock_window"] == 1
 
 
 # -- layouts ---------------------------------------------------------------------------------------------
@@ -226,7 +233,7 @@ class MiniBlockCurvature(Curvature):
         if mode == "auto":
             if direct(None) <= budget:
                 mode = "direct"
-            elif rows and woodbury <= min(budget, direct(None)):
+            elif rows and woodbury <= min(budget, direct(None)) and not _drops_ema(cfg):
                 mode = "woodbury"
             else:
                 mode, chunk = "chunked", cfg["miniblock_chunk"]
@@ -391,6 +398,25 @@ class MiniBlock(Estimator):
     suggested = {"lr": 0.01, "damping": 0.05, "momentum": 0.9, "ema_decay": 0.95, "inv_interval": 5, "kl_clip": None}
     fisher_types = ("empirical",)
     curvature_class = MiniBlockCurvature
+
+    @classmethod
+    def defaults_for(cls, rule: str, config: dict[str, Any]) -> dict[str, Any]:
+        """``miniblock_mode="woodbury"`` with ``miniblock_window=1`` uses the current batch only: ``ema_decay`` 0
+        unless you pass one (a nonzero one is then refused, see ``__init__``)."""
+        if config["miniblock_mode"] == "woodbury" and config["miniblock_window"] == 1:
+            return {"ema_decay": 0.0}
+        return {}
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        if config["miniblock_mode"] == "woodbury" and _drops_ema(config):
+            decay = config["ema_decay"]
+            keep = math.ceil(math.log(0.05) / math.log(decay)) if decay < 1 else None
+            raise HyperParameterError(
+                f"miniblock_mode='woodbury' keeps the last miniblock_window=1 statistics batch only, so "
+                f"ema_decay={decay!r} would be ignored; set ema_decay=0 (current batch, what this computes), "
+                f"miniblock_window >= 2 (a truncated EMA{f'; {keep} batches hold 95% of its weight' if keep else ''}), "
+                "or miniblock_mode='direct' / 'chunked' (a full EMA)")
 
     def captures(self) -> set[str]:
         return {"inputs", "real_grads"}

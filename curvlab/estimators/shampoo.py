@@ -22,7 +22,9 @@ MEAN-LOSS gradient ``G`` of the weight part (not per-example quantities; the ``f
   gradient gives a zero direction, never NaN;
 * ``solve(V) = (L + eps)^-e V (R + eps)^-e`` per block; bias column: diagonal AdaGrad-style
   ``(d + eps)^-2e * v`` with ``d`` the folded squares of the bias gradient (the order-1 case of eq. S.3,
-  total exponent ``2e``: AdaGrad's ``1/2`` at ``e = 1/4``), eps from ``max d`` when relative;
+  total exponent ``2e``: AdaGrad's ``1/2`` at ``e = 1/4``), eps from ``max d`` when relative. A
+  parameterization may give the bias its own scale, ``bias_scale = (s, t)`` (default ``(1, 1)``: bit for bit the
+  plain formula): ``s (d + t eps)^-2e * v`` (``scaling="mup"`` does: a bias is a fan-in-1 layer, ALGORITHMS.md 5);
 * blocking: a weight dimension larger than ``shampoo_block_size`` is cut into consecutive blocks of that
   size (the last one smaller); every block ``(i, j)`` of ``W`` is an independent Shampoo matrix;
 * grafting (``shampoo_grafting``): per layer the Shampoo direction is rescaled to the Frobenius norm of the
@@ -182,6 +184,8 @@ class ShampooCurvature(Curvature):
         self.stats: dict[str, torch.Tensor] = {}
         self.roots: dict[str, torch.Tensor] = {}
         self._powers: dict[str, torch.Tensor] | None = None
+        #: ``(step, ridge)`` multipliers of the bias column's diagonal root (module doc); set by a parameterization
+        self.bias_scale: tuple[float, float] = (1.0, 1.0)
 
     @property
     def ready(self) -> bool:
@@ -221,7 +225,9 @@ class ShampooCurvature(Curvature):
                                                  method=method, layer=f"{self.name} ({side} block {key})",
                                                  events=self.events).to(self.dtype)
         if self.has_bias:
-            roots["bias"] = diag_inverse_root(self.stats["bias"], 2 * e, damping, relative).to(self.dtype)
+            step, ridge = self.bias_scale
+            root = diag_inverse_root(self.stats["bias"], 2 * e, damping * ridge, relative)
+            roots["bias"] = (root * step if step != 1.0 else root).to(self.dtype)
         if self.grafting == "adagrad":
             roots["graft"] = diag_inverse_root(self.stats["graft"], 0.5, damping, relative).to(self.dtype)
         self.roots = roots
@@ -256,7 +262,7 @@ class ShampooCurvature(Curvature):
             powers = {k: psd_power(v, e, self.name, self.events).to(self.dtype)
                       for k, v in self.stats.items() if k[0] in "LR"}
             if self.has_bias:
-                powers["bias"] = self.stats["bias"].clamp_min(0.0) ** (2 * e)
+                powers["bias"] = self.stats["bias"].clamp_min(0.0) ** (2 * e) / self.bias_scale[0]
             self._powers = powers
         return self._powers
 

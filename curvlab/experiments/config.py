@@ -62,6 +62,7 @@ TRAIN_KEYS: dict[str, tuple[Any, str]] = {
     "eval_train_examples": (10000, "train loss is evaluated on the first this many examples (0 = skip)"),
     "eval_batch_size": (4096, "batch size of evaluation passes"),
     "checkpoint": (True, "save a checkpoint after every epoch, so a killed run resumes where it stopped"),
+    "damping_every": (0, "record the damping diagnostic (curvlab.diagnostics) every this many steps (0 = never)"),
 }
 
 DEFAULTS: dict[str, Any] = {
@@ -74,7 +75,7 @@ DEFAULTS: dict[str, Any] = {
 }
 
 #: Dotted keys left out of the run id: they do not change any result.
-NOT_HASHED = ("name", "train.checkpoint", "data.cache_dir")
+NOT_HASHED = ("name", "train.checkpoint", "data.cache_dir", "train.damping_every")
 
 _SECTIONS = ("data", "model", "optimizer", "train")
 _NAMES = {"estimator", "rule", "scaling"}
@@ -215,7 +216,7 @@ def _check_train(train: dict[str, Any]) -> None:
     for key in ("epochs", "eval_batch_size"):
         if not is_int(train[key]) or train[key] < 1:
             raise bad(key, "an integer >= 1")
-    for key in ("seed", "threads", "eval_train_examples"):
+    for key in ("seed", "threads", "eval_train_examples", "damping_every"):
         if not is_int(train[key]) or train[key] < 0:
             raise bad(key, "an integer >= 0")
     if train["batch_size"] != "full" and (not is_int(train["batch_size"]) or train["batch_size"] < 1):

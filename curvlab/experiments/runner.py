@@ -10,7 +10,9 @@ A run directory ``<out>/<run_id>/`` holds, each file written atomically (:mod:`.
   the epoch's last step), ``steps`` and ``skipped_steps`` (cumulative), and the timings
   :data:`TIMING_KEYS`: ``step_time_ms`` (mean zero_grad + forward + backward + step), ``refresh_time_s``
   (time inside ``opt.refresh``, i.e. recomputing inverses / roots, summed over the epoch),
-  ``epoch_time_s`` and ``time_s`` (cumulative training time);
+  ``epoch_time_s`` and ``time_s`` (cumulative training time); with ``train.damping_every = k > 0`` also
+  ``damping``: ``[{"step": s, "layers": {"layer/factor": {damping, eig_mean, eig_max, ratio_mean}}}, ...]`` every
+  ``k`` steps of the epoch (:func:`curvlab.diagnostics.damping_metrics`; not part of the run id);
 * ``summary.json``   final numbers (see :func:`summarize`) and the optimizer's full hyper-parameters;
 * ``checkpoint.pt``  model, optimizer (curvature and RNG included), batch-order generator and metrics
   after the last finished epoch, while the run is unfinished: a killed run resumes from it and continues
@@ -323,6 +325,7 @@ def _train(cfg: dict[str, Any], rid: str, rdir: Path | None, quiet: bool,
         for epoch in range(first, train["epochs"] + 1):
             model.train()
             timer.total, step_time, loss_sum, seen, epoch_first = 0.0, 0.0, 0.0, 0, step
+            damping_log: list[dict[str, Any]] = []
             epoch_start = time.perf_counter()
             for xb, yb in batches(x_tr, y_tr, batch, generator=generator):
                 factor = lr_factor(step, total, warmup, train["schedule"])
@@ -347,6 +350,9 @@ def _train(cfg: dict[str, Any], rid: str, rdir: Path | None, quiet: bool,
                 sync()
                 step_time += time.perf_counter() - start
                 step += 1
+                if train["damping_every"] and step % train["damping_every"] == 0 and stopped is None:
+                    from curvlab.diagnostics import damping_metrics
+                    damping_log.append({"step": step, "layers": damping_metrics(opt)})
                 loss_sum, seen = loss_sum + value * len(xb), seen + len(xb)
                 bar.update(1)
                 bar.set_postfix_str(f"epoch {epoch}/{train['epochs']} loss {value:.4f}", refresh=False)
@@ -359,7 +365,8 @@ def _train(cfg: dict[str, Any], rid: str, rdir: Path | None, quiet: bool,
                          "lr": opt.param_groups[0]["lr"], "steps": step, "skipped_steps": opt.skipped_steps,
                          "step_time_ms": 1e3 * step_time / max(step - epoch_first, 1), "refresh_time_s": timer.total,
                          "epoch_time_s": epoch_time, "time_s": elapsed,
-                         **({"diverged": stopped} if stopped is not None else {})})
+                         **({"diverged": stopped} if stopped is not None else {}),
+                         **({"damping": damping_log} if train["damping_every"] else {})})
             if rdir is not None and ctx.is_main:
                 write_jsonl(rdir / METRICS, rows)
                 if train["checkpoint"] and epoch < train["epochs"] and stopped is None:

@@ -19,14 +19,16 @@ ratios of the reference code, 5.6). Conv layers: width = channels, fan-in = ``c_
   K-FAC: 1 (``c = 0``); Shampoo with exponent ``e`` (``L^-e G R^-e``): ``(r_out / r_in)^(1 - 2e)``
   (``c = (2e - 1, 0, 1 - 2e)``: the SGD row at ``e = 0``, K-FAC's at ``e = 1/2``). Others: see the estimators.
 * Damping: K-FAC per side by ``mup_damping``: ``"explicit"`` (default, the reference code's rule):
-  ``rho_A = damping * r_in`` and ``rho_G = damping / r_out`` (table 5.1: ``{1, r, r}`` and ``{1/r, 1/r, 1}``),
+  ``rho_A = rho_A0 * r_in`` and ``rho_G = rho_B0 / r_out`` (``rho_A0 = mup_rho_A0``, ``rho_B0 = mup_rho_B0``, both
+  ``damping`` by default) (table 5.1: ``{1, r, r}`` and ``{1/r, 1/r, 1}``),
   the eigenvalue scales of ``A ~ h h^T`` and ``G ~ delta delta^T`` (K-FAC's ``damping_style="explicit"``);
   ``"trace"``: ``rho_A = damping tr(A)``, ``rho_G = damping tr(G)`` (width-consistent in all layer types
   without exponents); ``"pi"``: K-FAC's pi-damping unchanged (right in hidden layers, but it over-damps the
   input layer's ``A`` by ~``r``, so its update decays ~``1/r``, and under-damps the output layer's ``A``; 5.1).
 * Units that no adapter claims step with their plain gradient, so a fallback weight gets the SGD row; biases
   of fallback layers and other vector-like parameters (norm gains) keep multiplier 1 and their values (5.2).
-  The bias of a preconditioned layer is part of its unit and shares its multiplier.
+  The bias of a preconditioned layer is part of its unit and shares its multiplier, unless the estimator's row
+  gives it its own (``Scale.curvature_attrs``: Shampoo, whose bias has a diagonal root; see ``_shampoo``).
 * ``norm_weight`` (for rules with a global norm) ``= lr_mult * sqrt(r_in / r_out)``: a muP-correct update of a
   layer has ``||Delta W||_F ~ sqrt(r_out / r_in)``, so ``sum_l norm_weight_l^2 ||d_l||^2`` does not grow with width.
 
@@ -49,7 +51,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..hyper import HyperParameterError, Option, boolean, one_of, positive
+from ..hyper import HyperParameterError, Option, boolean, one_of, optional_positive, positive
 from ..registry import RULES, register_scaling
 from ..units import Unit
 from . import Parameterization
@@ -92,6 +94,9 @@ class Scale:
     damping_mult: float = 1.0
     damping_sides: tuple[float, float] | None = None
     damping_style: str | None = None
+    #: ``{attribute: value}`` set on the unit's curvature, which must have the attributes (Shampoo's
+    #: ``bias_scale``: the bias's own row; ISAAC's ``lambda_g_mult``)
+    curvature_attrs: dict[str, Any] | None = None
 
 
 MupRow = Callable[[Layer, dict[str, Any]], Scale]
@@ -110,6 +115,10 @@ def _explicit_only(estimator: str, config: dict[str, Any], why: str) -> None:
     if config["mup_damping"] != "explicit":
         raise HyperParameterError(f"mup_damping={config['mup_damping']!r} applies to K-FAC only; with estimator "
                                   f"{estimator!r} leave mup_damping='explicit' ({why})")
+    for key in ("mup_rho_A0", "mup_rho_B0"):
+        if config[key] is not None:
+            raise HyperParameterError(f"{key} sets K-FAC's per-side damping; estimator {estimator!r} has no such "
+                                      f"side, leave {key}=None ({why})")
 
 
 @register_mup_estimator("identity")
@@ -122,14 +131,27 @@ def _identity(layer: Layer, config: dict[str, Any]) -> Scale:
 
 @register_mup_estimator("kfac")
 def _kfac(layer: Layer, config: dict[str, Any]) -> Scale:
-    """K-FAC (table 5.1): LR multiplier 1; damping per ``mup_damping`` (module doc)."""
+    """K-FAC (table 5.1): LR multiplier 1; damping per ``mup_damping`` (module doc). With ``"explicit"`` the two
+    base constants of eq. P.3 / 5.2 are ``rho_A0 = mup_rho_A0`` and ``rho_B0 = mup_rho_B0`` (``None``: ``damping``,
+    i.e. tied, ``rho_A0 = rho_B0``); the reference code tunes them separately (``damping_A``, ``damping_B``, 5.1).
+    They are carried as multiples of ``damping`` at creation, so a damping schedule scales both alike."""
     style, user = config["mup_damping"], config["damping_style"]
     if user not in ("pi", style):
         raise HyperParameterError(
             f"damping_style={user!r} conflicts with scaling='mup', which sets K-FAC's damping through mup_damping "
             f"(now {style!r}: one of 'explicit', 'pi', 'trace'); drop damping_style or choose mup_damping")
+    rho_a0, rho_b0 = config["mup_rho_A0"], config["mup_rho_B0"]
     if style == "explicit":
-        return Scale(damping_sides=(layer.r_in, 1.0 / layer.r_out), damping_style="explicit")
+        lam = config["damping"]
+        if (rho_a0 is not None or rho_b0 is not None) and not lam > 0:
+            raise HyperParameterError(f"mup_rho_A0 / mup_rho_B0 are carried as multiples of damping, which must then "
+                                      f"be > 0 (got {lam!r}); set damping > 0")
+        m_a = 1.0 if rho_a0 is None else rho_a0 / lam
+        m_b = 1.0 if rho_b0 is None else rho_b0 / lam
+        return Scale(damping_sides=(m_a * layer.r_in, m_b / layer.r_out), damping_style="explicit")
+    if rho_a0 is not None or rho_b0 is not None:
+        raise HyperParameterError(f"mup_rho_A0 / mup_rho_B0 set the explicit per-side damping; with "
+                                  f"mup_damping={style!r} leave them None, or use mup_damping='explicit'")
     return Scale(damping_style=style)
 
 
@@ -140,7 +162,19 @@ def _shampoo(layer: Layer, config: dict[str, Any]) -> Scale:
     Grafting replaces the step's norm by the grafted optimizer's, so the row becomes that optimizer's (5.6):
     ``"sgd"``: ``r_out / r_in``; ``"adagrad"`` (entries ~ +-1, like Adam-muP ``c = (0, 1, 1)``): ``1 / r_in``.
     Relative epsilon (default) is width-consistent; absolute epsilon is scaled by ``r_in / r_out``, the
-    eigenvalue scale of ``L`` and ``R`` (table 5.1 ``{1/r, 1, r}``)."""
+    eigenvalue scale of ``L`` and ``R`` (table 5.1 ``{1/r, 1, r}``).
+
+    Bias (its own row): a bias is a layer whose input is the constant 1, i.e. fan-in 1, ``|h| = 1``. Shampoo
+    preconditions it with the DIAGONAL root ``(d + eps)^-2e``, ``d_i = g_i^2`` (the order-1 case of eq. S.3), so
+    every coordinate is its own ``1 x 1`` Shampoo layer: the one-sample step ``(|h| |delta_i|)^(1-4e)`` of 5.1
+    with ``|h| = 1`` and ``|delta_i| ~ 1/r_out`` (one coordinate of ``delta``) is ``r_out^-(1-4e)``, and it moves
+    pre-activation coordinate ``i`` by itself, so the bias LR is ``r_out^(1-4e)`` (1 at ``e = 1/4``: the entries
+    are ``+-1`` like Adam's). Sharing the weight's ``(r_out/r_in)^(1-2e)`` instead moves the input layer's
+    pre-activations ``~ sqrt(r)`` too far and the output bias ``~ 1/sqrt(r)`` too little (coordinate check with
+    biases, widths 64..1024: input-layer change 0.10 -> 0.27 before this row). Absolute epsilon: the bias
+    eigenvalue scale ``g_i^2 ~ r_out^-2``. Grafting takes ONE norm over weight and bias, whose muP norms scale
+    differently (``sqrt(r_out/r_in)`` and ``sqrt(r_out)``), so no multiplier makes it width-consistent: muP
+    refuses grafting on layers with a bias."""
     _explicit_only("shampoo", config, "Shampoo's relative epsilon is width-consistent already")
     size = config["shampoo_block_size"]
     scaled = ([layer.width_out] if layer.role != "output" else []) + ([layer.fan_in] if layer.role != "input" else [])
@@ -149,10 +183,20 @@ def _shampoo(layer: Layer, config: dict[str, Any]) -> Scale:
             f"scaling='mup' with shampoo: layer {layer.name!r} has a width-dependent dimension {max(scaled)} > "
             f"shampoo_block_size={size}; the number of blocks would grow with width, which changes the muP "
             f"exponents. Set shampoo_block_size >= {max(scaled)}")
-    ratio, graft = layer.r_out / layer.r_in, config["shampoo_grafting"]
-    lr = {None: ratio ** (1.0 - 2.0 * config["shampoo_exponent"]), "sgd": ratio, "adagrad": 1.0 / layer.r_in}[graft]
+    ratio, graft, e = layer.r_out / layer.r_in, config["shampoo_grafting"], config["shampoo_exponent"]
+    lr = {None: ratio ** (1.0 - 2.0 * e), "sgd": ratio, "adagrad": 1.0 / layer.r_in}[graft]
     absolute = config["shampoo_epsilon"] == "absolute"
-    return Scale(lr_mult=lr, damping_mult=layer.r_in / layer.r_out if absolute else 1.0)
+    if getattr(layer.module, "bias", None) is None:
+        return Scale(lr_mult=lr, damping_mult=layer.r_in / layer.r_out if absolute else 1.0)
+    if graft is not None:
+        raise HyperParameterError(
+            f"scaling='mup' with shampoo_grafting={graft!r}: layer {layer.name!r} has a bias, and grafting rescales "
+            "weight and bias by one norm although their muP update norms scale differently with width; use "
+            "shampoo_grafting=None, layers without bias, or scaling='standard'")
+    damping = layer.r_in / layer.r_out if absolute else 1.0
+    bias_lr, bias_damping = layer.r_out ** (1.0 - 4.0 * e), layer.r_out ** -2 if absolute else 1.0
+    return Scale(lr_mult=lr, damping_mult=damping,
+                 curvature_attrs={"bias_scale": (bias_lr / lr, bias_damping / damping)})
 
 
 @register_mup_estimator("isaac")
@@ -164,11 +208,14 @@ def _isaac(layer: Layer, config: dict[str, Any]) -> Scale:
     like the gradient: the SGD row ``r_out / r_in`` (input: ``lambda_a`` const, LR ``x r``; hidden: ``lambda_a x r``,
     LR const, as 6.6 says). Output layer (6.6): constant ``lambda_a`` and constant LR; there ``A``'s eigenvalues
     ``~ r`` dominate, ``zeta* ~ lambda_a g A^+`` moves the output by O(1). (``lambda_a x r`` with LR ``/ r`` has the
-    same limit, but would also divide the LR of the plain, unpreconditioned output bias by ``r``.)"""
+    same limit, but would also divide the LR of the plain, unpreconditioned output bias by ``r``.)
+    Two-parameter zeta (``isaac_lambda_g``, eq. I.2): ``lambda_g ~ 1/r_out``, the eigenvalue scale of ``G`` (K-FAC's
+    ``rho_B`` row), makes ``lambda_g (G + lambda_g I)^-1`` an O(1) operator, so the rows above are unchanged."""
     _explicit_only("isaac", config, "the width exponents of lambda_a are applied through damping")
+    attrs = {"lambda_g_mult": 1.0 / layer.r_out} if config["isaac_lambda_g"] is not None else None
     if layer.role == "output":
-        return Scale()
-    return Scale(lr_mult=layer.r_out / layer.r_in, damping_mult=layer.r_in)
+        return Scale(curvature_attrs=attrs)
+    return Scale(lr_mult=layer.r_out / layer.r_in, damping_mult=layer.r_in, curvature_attrs=attrs)
 
 
 def _blocks_per_row(layer: Layer, cols: int, c_in: int, config: dict[str, Any]) -> int:
@@ -271,6 +318,10 @@ class MuP(Parameterization):
         "mup_sigma": Option(1.0, positive, "sigma of the init std sigma * fan_in^-b (eq. P.1)"),
         "mup_damping": Option("explicit", one_of("explicit", "pi", "trace"),
                               "K-FAC damping under muP: width exponents | pi-damping | trace-proportional"),
+        "mup_rho_A0": Option(None, optional_positive,
+                             "K-FAC explicit muP damping: rho_A0 of rho_A = rho_A0 * r_in (None: = damping)"),
+        "mup_rho_B0": Option(None, optional_positive,
+                             "K-FAC explicit muP damping: rho_B0 of rho_B = rho_B0 / r_out (None: = damping)"),
     }
 
     @classmethod
@@ -302,6 +353,9 @@ class MuP(Parameterization):
                 scale = row(layer, cfg)
                 if scale.damping_style is not None and not hasattr(unit.curvature, "damping_style"):
                     raise ValueError(f"unit {unit.name!r}: its curvature has no damping_style to set")
+                missing = [k for k in scale.curvature_attrs or {} if not hasattr(unit.curvature, k)]
+                if missing:
+                    raise ValueError(f"unit {unit.name!r}: its curvature has no {missing} to set")
             elif layer is not None and unit.params[0] is layer.module.weight:
                 scale = Scale(lr_mult=layer.r_out / layer.r_in)   # fallback weight: plain gradient = SGD row
             else:
@@ -315,6 +369,8 @@ class MuP(Parameterization):
                 unit.curvature.damping_style = scale.damping_style
             if scale.damping_sides is not None:
                 unit.set_damping_sides(*scale.damping_sides)
+            for key, value in (scale.curvature_attrs or {}).items():
+                setattr(unit.curvature, key, value)
             unit.norm_weight = scale.lr_mult * (math.sqrt(layer.r_in / layer.r_out) if layer is not None else 1.0)
 
     @staticmethod
