@@ -127,3 +127,26 @@ def test_cuda_rows_have_peak_memory_and_roofline():
     x, y = torch.randn(32, 12, device="cuda"), torch.randint(0, 3, (32,), device="cuda")
     rows = measure(model, x, y, [Variant.parse("kfac:inv_interval=2")], repeats=1, roofline=True)
     assert all(r["peak_bytes"] is not None and r["roofline"]["floor"] >= 1.0 for r in rows)
+
+
+def test_cli_resnet18_shaped_workload(tmp_path):
+    path = tmp_path / "bench.json"
+    bench_main(["--model", "resnet18", "--cnn-width", "2", "--batch", "2", "--variant", "kfac:inv_interval=2",
+                "--repeats", "1", "--threads", "1", "--clock", "process", "--json", str(path)])
+    (case,) = json.loads(path.read_text())["cases"]
+    assert case["model"] == "resnet18" and [r["skipped_steps"] for r in case["rows"]] == [0, 0]
+    assert case["rows"][1]["roofline"]["sections"]["precondition"]["gmac"] > 0
+
+
+def test_gpu_script_is_valid_bash_and_refuses_without_cuda(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "analysis" / "gpu_bench.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: the script would run the full GPU suite")
+    res = subprocess.run(["bash", str(script), str(tmp_path / "out")], env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"},
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "CUDA is not available" in res.stderr

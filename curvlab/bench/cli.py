@@ -74,6 +74,9 @@ def build_model(kind: str, hidden: list[int], inputs: int = 784, outputs: int = 
             if i < len(dims) - 2:
                 layers.append(nn.ReLU())
         return nn.Sequential(*layers)
+    if kind == "resnet18":                   # ResNet-18's stages (CIFAR stem): 4 stages of 2 BasicBlocks
+        from ..models import resnet
+        return resnet(3, outputs, width=width, blocks=2, stages=4)
     if kind == "cnn":
         from ..models import build_cnn
         return build_cnn((1, 28, 28), outputs, width=width)
@@ -81,7 +84,7 @@ def build_model(kind: str, hidden: list[int], inputs: int = 784, outputs: int = 
         from ..transformer_models import build_transformer_lm
         return build_transformer_lm((TRANSFORMER_CONTEXT,), TRANSFORMER_VOCAB, vocab_size=TRANSFORMER_VOCAB,
                                     d_model=hidden[0], nhead=4, num_layers=len(hidden))
-    raise ValueError(f"--model must be 'mlp', 'cnn' or 'transformer', got {kind!r}")
+    raise ValueError(f"--model must be 'mlp', 'cnn', 'resnet18' or 'transformer', got {kind!r}")
 
 
 #: ``--model transformer``: a causal language model (``transformer_lm``, converted attention) on random tokens;
@@ -94,12 +97,21 @@ TRANSFORMER_SUITE = ["identity/natural", "kfac:fisher=empirical,stat_interval=10
                      "isaac:stat_interval=1,inv_interval=1", "identity/sngm"]
 
 
+#: ``--model resnet18``: the convolutional set (KFC, Shampoo, MBF kernel blocks, identity)
+RESNET_SUITE = ["identity/natural", "kfac:fisher=empirical,stat_interval=10,inv_interval=10",
+                "kfac:fisher=empirical,stat_interval=1,inv_interval=10", "shampoo:inv_interval=10",
+                "miniblock:fisher=empirical,stat_interval=10,inv_interval=10", "identity/sngm"]
+
+
 def batch_for(kind: str, batch: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Random inputs and labels for ``build_model(kind, ...)`` (timing does not depend on the values)."""
     if kind == "transformer":
         shape = (batch, TRANSFORMER_CONTEXT)
         return (torch.randint(0, TRANSFORMER_VOCAB, shape, device=device),
                 torch.randint(0, TRANSFORMER_VOCAB, shape, device=device))
+    if kind == "resnet18":
+        return (torch.randn(batch, 3, 32, 32, device=device, dtype=dtype),
+                torch.randint(0, 10, (batch,), device=device))
     return (torch.randn(batch, 784, device=device, dtype=dtype), torch.randint(0, 10, (batch,), device=device))
 
 
@@ -180,6 +192,9 @@ def _cases(args: argparse.Namespace) -> list[tuple[int, list[int], list[Variant]
     if args.model == "transformer":
         variants = [Variant.parse(s) for s in TRANSFORMER_SUITE]
         return [(b, h, variants, {}) for b in (batches or [32]) for h in hidden_sizes]
+    if args.model == "resnet18":
+        variants = [Variant.parse(s) for s in RESNET_SUITE]
+        return [(b, h, variants, {}) for b in (batches or [128]) for h in hidden_sizes]
     if args.suite == "targets":
         cases: dict[int, tuple[list[Variant], dict[str, float]]] = {}
         for sizes, spec, target in TARGETS:
@@ -250,12 +265,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    help="ESTIMATOR[/RULE[/SCALING]][:key=value,...] (repeatable); default: the --suite")
     p.add_argument("--suite", choices=("targets", "scaling"), default="targets",
                    help="targets: the target set; scaling: a few variants over batch sizes / widths")
-    p.add_argument("--model", choices=("mlp", "cnn", "transformer"), default="mlp",
-                   help="transformer: a causal LM (transformer_lm) with --hidden d_model per layer (default 128,128)")
+    p.add_argument("--model", choices=("mlp", "cnn", "resnet18", "transformer"), default="mlp",
+                   help="transformer: a causal LM (transformer_lm) with --hidden d_model per layer (default 128,128); "
+                        "resnet18: ResNet-18's 4 stages x 2 BasicBlocks on 3x32x32 inputs")
     p.add_argument("--hidden", default="512,512",
                    help="MLP hidden sizes '512,512'; several models separated by ';'; with --suite scaling a list of "
                         "widths, each used for both hidden layers (default 512,512 there means widths 512)")
-    p.add_argument("--cnn-width", type=int, default=16)
+    p.add_argument("--cnn-width", type=int, default=None,
+                   help="channels of the first stage: --model cnn (default 16), resnet18 (default 64)")
     p.add_argument("--batch", default=None, help="batch size(s), comma-separated (default per suite)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (CPU)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (CUDA: synchronized timing, peak memory)")
@@ -270,6 +287,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    help="skip the roofline (multiply-adds, plain-GEMM time and efficiency per section, floor ratio)")
     p.add_argument("--json", default=None, help="write every row and the environment to this file")
     args = p.parse_args(argv)
+    if args.cnn_width is None:
+        args.cnn_width = 64 if args.model == "resnet18" else 16
     if args.model == "transformer" and args.hidden == "512,512":
         args.hidden = "128,128"
     if ";" in args.hidden:
@@ -308,6 +327,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 r["target"] = factor * by_label[ref]["ratio"]
                 r["target_note"] = f"{factor}x the ratio of {ref}"
         name = {"mlp": f"mlp {'-'.join(map(str, [784, *hidden, 10]))}", "cnn": f"cnn {args.cnn_width}",
+                "resnet18": f"resnet18 (width {args.cnn_width}, 3x32x32)",
                 "transformer": f"transformer_lm d_model {hidden[0]}, {len(hidden)} layers, context "
                                f"{TRANSFORMER_CONTEXT}, vocab {TRANSFORMER_VOCAB}"}[args.model]
         print(f"\n{name}, batch {batch}, {device}, {args.dtype}, {torch.get_num_threads()} threads "
