@@ -39,7 +39,7 @@ from .divergence import SkipStreak, check_closure_loss, nonfinite_units
 from .hyper import COMMON, declared_defaults, merge_options, resolve
 from .kernels import all_finite as _finite
 from .linalg import NumericsEvent
-from .profiling import Sections, section
+from .profiling import Sections, activated, section
 from .registry import ESTIMATORS, RULES, SCALINGS
 from .stats import LayerStats
 from .step_guards import CaptureWarning, check_groups, check_loss, first_order_where_uncaptured
@@ -282,7 +282,7 @@ class CurvlabOptimizer(torch.optim.Optimizer):
         with section(self.sections, "refresh"):
             self.refresh(force=self._t % self.config["inv_interval"] == 0)
         first_order_where_uncaptured(self, grads, stats, stat_step)
-        with section(self.sections, "precondition"):
+        with section(self.sections, "rule"), activated(self.sections):   # solves inside: "precondition"
             plan = self.rule.plan(self.units, self.state, stats)
             if not _finite(plan.tensors()):
                 bad = nonfinite_units(self.units, plan)

@@ -14,6 +14,7 @@ from torch import nn
 
 from .adapters import LayerAdapter
 from .curvature import Curvature
+from .profiling import active, section
 
 
 @dataclass(eq=False)
@@ -84,9 +85,10 @@ class Unit:
         if not self.active:
             return list(tensors)
         curv, adapter = self.curvature, self.adapter
-        mat = adapter.to_matrix(self.module, tensors).to(curv.dtype)
-        out = getattr(curv, op)(mat)
-        return [t.to(p.dtype) for t, p in zip(adapter.from_matrix(self.module, out), self.params)]
+        with section(active(), "precondition"):
+            mat = adapter.to_matrix(self.module, tensors).to(curv.dtype)
+            out = getattr(curv, op)(mat)
+            return [t.to(p.dtype) for t, p in zip(adapter.from_matrix(self.module, out), self.params)]
 
     def solve(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """Damped inverse curvature times ``tensors`` (parameter-shaped); identity for fallback units."""

@@ -261,7 +261,8 @@ def test_state_dict_round_trip_and_training_step(mode):
     assert_close(clone.blocks()["0"], opt.blocks()["0"], what="blocks after load")
 
 
-@pytest.mark.parametrize("width,m,d_out", [(7, 1, 4), (300, 40, 4), (300, 70, 256), (300, 260, 4)])
+@pytest.mark.parametrize("width,m,d_out", [(7, 1, 4), (300, 40, 4), (300, 70, 256), (300, 260, 4), (300, 16, 256),
+                                           (33, 8, 256), (33, 7, 256)])
 def test_row_statistics_kernels_against_einsum(width, m, d_out):
     """The four kernels of the T = 1 fast path (diagonal, outer products, packed triangles, per-row GEMMs)."""
     from curvlab.estimators.miniblock import _row_stats, _split

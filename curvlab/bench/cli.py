@@ -2,7 +2,7 @@
 
 Examples::
 
-    curvlab bench                                    # the issue-7 target suite, MLP 784-512-512-10, CPU
+    curvlab bench                                    # the target set, MLP 784-512-512-10, CPU, with the roofline
     curvlab bench --variant kfac:stat_interval=1,inv_interval=10 --batch 64,1024,8192
     curvlab bench --suite scaling --hidden 64,512,2048    # ratios against width
     curvlab bench --model cnn --json bench.json           # a small CNN on 1x28x28 inputs
@@ -30,21 +30,22 @@ from torch import nn
 
 from ..experiments.io import atomic_write_json
 from .harness import Variant, measure
+from .roofline import format_roofline
 
 SCHEMA = "curvlab.bench/1"
 
-#: the issue-7 targets: (batch sizes it applies to, variant spec, target ratio to SGD or None)
+#: the target set: (batch sizes it applies to, variant spec, target ratio to SGD or None)
 TARGETS: list[tuple[tuple[int, ...], str, float | None]] = [
     ((1024,), "identity/natural", None),
     ((1024,), "kfac:fisher=empirical,stat_interval=10,inv_interval=10", 1.5),
     ((1024,), "kfac:fisher=empirical,stat_interval=1,inv_interval=10", 2.2),
     ((1024,), "kfac/fop:fisher=empirical,stat_interval=10,inv_interval=10", None),
-    ((1024,), "miniblock:fisher=empirical,stat_interval=10,inv_interval=10", 2.0),
-    ((1024,), "miniblock:fisher=empirical,stat_interval=10,inv_interval=10,miniblock_size=16", None),
+    ((1024,), "miniblock:fisher=empirical,stat_interval=10,inv_interval=10", 4.0),
+    ((1024,), "miniblock:fisher=empirical,stat_interval=10,inv_interval=10,miniblock_size=16", 2.0),
     ((1024,), "miniblock:fisher=empirical,stat_interval=10,inv_interval=10,miniblock_size=1", None),
     ((1024,), "shampoo:inv_interval=100", 1.8),
     ((1024,), "shampoo:inv_interval=10", None),
-    ((1024,), "identity/sngm", None),
+    ((1024,), "identity/sngm", 1.05),
     # robust by default (curvlab.quadratic, curvlab.damping): the exact quadratic model's step and LM damping
     ((1024,), "identity/qmodel", None),
     ((1024,), "kfac/qmodel:fisher=empirical,stat_interval=1,inv_interval=10", None),
@@ -54,6 +55,9 @@ TARGETS: list[tuple[tuple[int, ...], str, float | None]] = [
     ((64, 128), "isaac:stat_interval=1,inv_interval=1", None),
 ]
 ISAAC_TARGETS = {64: 1.2, 128: 1.3}
+#: targets relative to another row of the same run: label -> (reference label, factor)
+RELATIVE_TARGETS = {"kfac/fop [fisher=empirical,stat_interval=10,inv_interval=10]":
+                    ("kfac/natural [fisher=empirical,stat_interval=10,inv_interval=10]", 1.6)}
 SCALING_SUITE = ["kfac:fisher=empirical,stat_interval=10,inv_interval=10",
                  "kfac:fisher=empirical,stat_interval=1,inv_interval=10",
                  "shampoo:inv_interval=100", "isaac:isaac_fused=True",
@@ -70,6 +74,9 @@ def build_model(kind: str, hidden: list[int], inputs: int = 784, outputs: int = 
             if i < len(dims) - 2:
                 layers.append(nn.ReLU())
         return nn.Sequential(*layers)
+    if kind == "resnet18":                   # ResNet-18's stages (CIFAR stem): 4 stages of 2 BasicBlocks
+        from ..models import resnet
+        return resnet(3, outputs, width=width, blocks=2, stages=4)
     if kind == "cnn":
         from ..models import build_cnn
         return build_cnn((1, 28, 28), outputs, width=width)
@@ -77,7 +84,7 @@ def build_model(kind: str, hidden: list[int], inputs: int = 784, outputs: int = 
         from ..transformer_models import build_transformer_lm
         return build_transformer_lm((TRANSFORMER_CONTEXT,), TRANSFORMER_VOCAB, vocab_size=TRANSFORMER_VOCAB,
                                     d_model=hidden[0], nhead=4, num_layers=len(hidden))
-    raise ValueError(f"--model must be 'mlp', 'cnn' or 'transformer', got {kind!r}")
+    raise ValueError(f"--model must be 'mlp', 'cnn', 'resnet18' or 'transformer', got {kind!r}")
 
 
 #: ``--model transformer``: a causal language model (``transformer_lm``, converted attention) on random tokens;
@@ -90,12 +97,21 @@ TRANSFORMER_SUITE = ["identity/natural", "kfac:fisher=empirical,stat_interval=10
                      "isaac:stat_interval=1,inv_interval=1", "identity/sngm"]
 
 
+#: ``--model resnet18``: the convolutional set (KFC, Shampoo, MBF kernel blocks, identity)
+RESNET_SUITE = ["identity/natural", "kfac:fisher=empirical,stat_interval=10,inv_interval=10",
+                "kfac:fisher=empirical,stat_interval=1,inv_interval=10", "shampoo:inv_interval=10",
+                "miniblock:fisher=empirical,stat_interval=10,inv_interval=10", "identity/sngm"]
+
+
 def batch_for(kind: str, batch: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Random inputs and labels for ``build_model(kind, ...)`` (timing does not depend on the values)."""
     if kind == "transformer":
         shape = (batch, TRANSFORMER_CONTEXT)
         return (torch.randint(0, TRANSFORMER_VOCAB, shape, device=device),
                 torch.randint(0, TRANSFORMER_VOCAB, shape, device=device))
+    if kind == "resnet18":
+        return (torch.randn(batch, 3, 32, 32, device=device, dtype=dtype),
+                torch.randint(0, 10, (batch,), device=device))
     return (torch.randn(batch, 784, device=device, dtype=dtype), torch.randint(0, 10, (batch,), device=device))
 
 
@@ -106,6 +122,20 @@ def environment(device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     return env
+
+
+def resolve_device(name: str) -> torch.device:
+    """``--device``: a torch device, with a clear error when CUDA is asked for but absent."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"curvlab bench: --device must be 'cpu' or 'cuda[:N]', got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("curvlab bench: --device cuda but CUDA is not available on this machine (torch "
+                         f"{torch.__version__}); run on a machine with a GPU or use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"curvlab bench: --device must be 'cpu' or 'cuda[:N]', got {name!r}")
+    return device
 
 
 def _ints(text: str, what: str) -> list[int]:
@@ -119,19 +149,38 @@ def _ints(text: str, what: str) -> list[int]:
 
 
 def format_rows(rows: list[dict[str, Any]]) -> str:
-    head = (f"{'configuration':<58} {'ratio':>6} {'[q25, q75]':>14} {'step ms':>8} {'fwd+bwd':>8} {'stats':>7} "
-            f"{'refresh':>8} {'precond':>8} {'state MB':>9} {'target':>7}")
+    """The main table; ``floor`` and ``eff`` (efficiency of the optimizer's own sections: their products as
+    plain calls over their measured time) come from the roofline when it ran."""
+    head = (f"{'configuration':<58} {'ratio':>6} {'[q25, q75]':>14} {'floor':>6} {'eff':>5} {'step ms':>8} "
+            f"{'fwd+bwd':>8} {'stats':>7} {'refresh':>8} {'precond':>8} {'rule':>6} {'state MB':>9} {'target':>7}")
     lines = [head, "-" * len(head)]
     for r in rows:
         b = r["breakdown_ms"]
         target = r.get("target")
         mark = "" if target is None else f"{target:.2f}{'' if r['ratio'] <= target else '!'}"
+        roof = r.get("roofline")
+        floor = f"{roof['floor']:.2f}" if roof else ""
+        eff = section_efficiency(r)
         lines.append(
-            f"{r['label'][:58]:<58} {r['ratio']:>6.2f} [{r['ratio_q25']:>5.2f}, {r['ratio_q75']:>5.2f}] "
-            f"{r['step_ms']:>8.2f} {b['forward_backward']:>8.2f} {b.get('statistics', 0.0):>7.2f} "
-            f"{b.get('refresh', 0.0):>8.2f} {b.get('precondition', 0.0):>8.2f} {r['state_bytes'] / 2**20:>9.1f} "
-            f"{mark:>7}")
+            f"{r['label'][:58]:<58} {r['ratio']:>6.2f} [{r['ratio_q25']:>5.2f}, {r['ratio_q75']:>5.2f}] {floor:>6} "
+            f"{'' if eff is None else f'{100 * eff:.0f}%':>5} {r['step_ms']:>8.2f} {b['forward_backward']:>8.2f} "
+            f"{b.get('statistics', 0.0):>7.2f} {b.get('refresh', 0.0):>8.2f} {b.get('precondition', 0.0):>8.2f} "
+            f"{b.get('rule', 0.0):>6.2f} {r['state_bytes'] / 2**20:>9.1f} {mark:>7}")
     return "\n".join(lines)
+
+
+OPTIMIZER_SECTIONS = ("statistics", "refresh", "precondition", "rule")
+
+
+def section_efficiency(row: dict[str, Any]) -> float | None:
+    """Plain-call time of the products in the optimizer's sections over their measured time (None: no roofline
+    or no such work)."""
+    roof = row.get("roofline")
+    if not roof:
+        return None
+    secs = [roof["sections"][k] for k in OPTIMIZER_SECTIONS if k in roof["sections"]]
+    measured = sum(row["breakdown_ms"].get(k, 0.0) for k in OPTIMIZER_SECTIONS if k in roof["sections"])
+    return sum(s["plain_ms"] for s in secs) / measured if secs and measured > 0 else None
 
 
 def _cases(args: argparse.Namespace) -> list[tuple[int, list[int], list[Variant], dict[str, float]]]:
@@ -143,6 +192,9 @@ def _cases(args: argparse.Namespace) -> list[tuple[int, list[int], list[Variant]
     if args.model == "transformer":
         variants = [Variant.parse(s) for s in TRANSFORMER_SUITE]
         return [(b, h, variants, {}) for b in (batches or [32]) for h in hidden_sizes]
+    if args.model == "resnet18":
+        variants = [Variant.parse(s) for s in RESNET_SUITE]
+        return [(b, h, variants, {}) for b in (batches or [128]) for h in hidden_sizes]
     if args.suite == "targets":
         cases: dict[int, tuple[list[Variant], dict[str, float]]] = {}
         for sizes, spec, target in TARGETS:
@@ -212,16 +264,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--variant", action="append", default=[],
                    help="ESTIMATOR[/RULE[/SCALING]][:key=value,...] (repeatable); default: the --suite")
     p.add_argument("--suite", choices=("targets", "scaling"), default="targets",
-                   help="targets: the issue-7 target set; scaling: a few variants over batch sizes / widths")
-    p.add_argument("--model", choices=("mlp", "cnn", "transformer"), default="mlp",
-                   help="transformer: a causal LM (transformer_lm) with --hidden d_model per layer (default 128,128)")
+                   help="targets: the target set; scaling: a few variants over batch sizes / widths")
+    p.add_argument("--model", choices=("mlp", "cnn", "resnet18", "transformer"), default="mlp",
+                   help="transformer: a causal LM (transformer_lm) with --hidden d_model per layer (default 128,128); "
+                        "resnet18: ResNet-18's 4 stages x 2 BasicBlocks on 3x32x32 inputs")
     p.add_argument("--hidden", default="512,512",
                    help="MLP hidden sizes '512,512'; several models separated by ';'; with --suite scaling a list of "
                         "widths, each used for both hidden layers (default 512,512 there means widths 512)")
-    p.add_argument("--cnn-width", type=int, default=16)
+    p.add_argument("--cnn-width", type=int, default=None,
+                   help="channels of the first stage: --model cnn (default 16), resnet18 (default 64)")
     p.add_argument("--batch", default=None, help="batch size(s), comma-separated (default per suite)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (CPU)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (CUDA: synchronized timing, peak memory)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--repeats", type=int, default=7, help="timed rounds (after one warm-up period)")
     p.add_argument("--seed", type=int, default=0)
@@ -229,8 +283,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    help="wall: elapsed time (default); process: this process's CPU time, robust to other load "
                         "on the machine (use with --threads 1)")
     p.add_argument("--peers", action="store_true", help="also time the peer libraries (curvlab.bench.peers)")
+    p.add_argument("--no-roofline", dest="roofline", action="store_false",
+                   help="skip the roofline (multiply-adds, plain-GEMM time and efficiency per section, floor ratio)")
     p.add_argument("--json", default=None, help="write every row and the environment to this file")
     args = p.parse_args(argv)
+    if args.cnn_width is None:
+        args.cnn_width = 64 if args.model == "resnet18" else 16
     if args.model == "transformer" and args.hidden == "512,512":
         args.hidden = "128,128"
     if ";" in args.hidden:
@@ -240,7 +298,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         args.hidden = [_ints(args.hidden, "--hidden")]
     torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
+    if device.type == "cuda" and args.clock == "process":
+        raise SystemExit("curvlab bench: --clock process counts CPU time only; use --clock wall with --device cuda")
     dtype = getattr(torch, args.dtype)
     out: dict[str, Any] = {"schema": SCHEMA, "environment": environment(device),
                            "settings": {k: v for k, v in vars(args).items() if k != "json"}, "cases": []}
@@ -252,20 +312,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.model == "transformer":                   # transformers are trained with AdamW: time it too
             adamw = copy.deepcopy(model)
             extra = {ADAMW: (adamw, torch.optim.AdamW(adamw.parameters(), lr=1e-9), 1)}
-        rows = measure(model, x, y, variants, repeats=args.repeats, clock=args.clock, extra=extra)
+        rows = measure(model, x, y, variants, repeats=args.repeats, clock=args.clock, extra=extra,
+                       roofline=args.roofline)
         adamw_row = next((r for r in rows if r["label"] == ADAMW), None)
         if adamw_row is not None:
             for r in rows:
                 r["ratio_to_adamw"] = r["ratio"] / adamw_row["ratio"]
+        by_label = {r["label"]: r for r in rows}
         for r in rows:
             if r["label"] in targets:
                 r["target"] = targets[r["label"]]
+            ref, factor = RELATIVE_TARGETS.get(r["label"], (None, None))
+            if args.suite == "targets" and not args.variant and ref in by_label:
+                r["target"] = factor * by_label[ref]["ratio"]
+                r["target_note"] = f"{factor}x the ratio of {ref}"
         name = {"mlp": f"mlp {'-'.join(map(str, [784, *hidden, 10]))}", "cnn": f"cnn {args.cnn_width}",
+                "resnet18": f"resnet18 (width {args.cnn_width}, 3x32x32)",
                 "transformer": f"transformer_lm d_model {hidden[0]}, {len(hidden)} layers, context "
                                f"{TRANSFORMER_CONTEXT}, vocab {TRANSFORMER_VOCAB}"}[args.model]
         print(f"\n{name}, batch {batch}, {device}, {args.dtype}, {torch.get_num_threads()} threads "
               f"(ratios to torch.optim.SGD(momentum=0.9) in the same process; '!' = above target)")
         print(format_rows(rows))
+        if args.roofline:
+            print("\nroofline: per section GMAC/step, measured ms/step, the same products as plain calls of the same "
+                  "shapes (ms/step), efficiency (plain/measured); floor = the ratio those plain products allow")
+            print(format_roofline(rows))
         if adamw_row is not None:
             print("step time over torch AdamW's (the same rounds):")
             print("\n".join(f"  {r['label']:<70} {r['ratio_to_adamw']:>6.2f}" for r in rows if r is not adamw_row))

@@ -286,12 +286,15 @@ def peak_memory(step: TimedStep, calls: int, device: torch.device) -> int | None
 
 def measure(model: nn.Module, x: torch.Tensor, y: torch.Tensor, variants: list[Variant], *,
             loss: str = "cross_entropy", repeats: int = 7, warmup: int = 1, clock: str = "wall",
-            extra: dict[str, tuple[nn.Module, torch.optim.Optimizer, int]] | None = None) -> list[dict[str, Any]]:
+            extra: dict[str, tuple[nn.Module, torch.optim.Optimizer, int]] | None = None,
+            roofline: bool = False) -> list[dict[str, Any]]:
     """Benchmark ``variants`` (and ``extra`` ready-made ``(model, optimizer, period)`` entries) against SGD.
 
     Returns one row per configuration (SGD first) with ``ratio`` (median paired ratio to SGD), ``ratio_q25`` /
     ``ratio_q75``, ``step_ms``, the per-step ``breakdown_ms`` (forward_backward, statistics, refresh,
-    precondition, other), ``state_bytes``, ``peak_bytes`` (CUDA) and ``period``.
+    precondition, rule, other), ``state_bytes``, ``peak_bytes`` (CUDA) and ``period``; with ``roofline=True``
+    also ``roofline`` (multiply-adds, plain-call time and efficiency per section, and the floor ratio:
+    :mod:`curvlab.bench.roofline`).
     """
     device = x.device
     sync = torch.cuda.synchronize if device.type == "cuda" else None
@@ -304,7 +307,11 @@ def measure(model: nn.Module, x: torch.Tensor, y: torch.Tensor, variants: list[V
     logger = logging.getLogger("curvlab")            # skipped steps are counted per row, not logged per step
     level, logger.level = logger.level, max(logger.level, logging.ERROR)
     try:
-        return _measure(steps, periods, variants, device, sync, repeats, warmup, clock, restore)
+        rows = _measure(steps, periods, variants, device, sync, repeats, warmup, clock, restore)
+        if roofline:
+            from .roofline import roofline as add_roofline
+            add_roofline(steps, periods, rows, clock=CLOCKS[clock], sync=sync, after_block=restore)
+        return rows
     finally:
         logger.setLevel(level)
 
