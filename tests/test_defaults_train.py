@@ -118,7 +118,7 @@ def test_defaults_are_layered_and_yours_win():
     assert curvlab.optimizer(model, "identity", "natural", momentum=0.0).param_groups[0]["momentum"] == 0.0
     isaac = curvlab.optimizer(model, "isaac", "qmodel")
     assert isaac.param_groups[0]["damping"] == 1.0 and isaac.param_groups[0]["lr"] == 1.0   # per-rule default
-    assert isaac.config["kl_clip"] == 1e-2 and isaac.param_groups[0]["momentum"] == 0.0
+    assert isaac.config["kl_clip"] == 1e-1 and isaac.param_groups[0]["momentum"] == 0.0
     assert curvlab.optimizer(model, "kfac", "natural", "mup").param_groups[0]["damping"] == 0.03
     assert curvlab.optimizer(model, "kfac", "natural", "mup", mup_damping="pi").param_groups[0]["damping"] == 1e-3
     sgd_user = curvlab.optimizer(model, "identity", "natural", lr=0.5)
