@@ -39,7 +39,7 @@ so ``curvlab.optimizer(model, estimator, rule, scaling)`` with nothing else trai
 small CNNs, digits and MNIST; ``tests/test_defaults_train.py``). The mechanism, chosen from measurements
 (``analysis/defaults.py``, README "Defaults"): a trust region on by default -- ``kl_clip = 1e-3`` (Ba, Grosse &
 Martens 2017; kfac-pytorch's default) for every curvature estimator under the rules that apply it (``natural``,
-``fop``; ``qmodel`` uses its own ``1e-2`` on the final update) -- plus per-component defaults where an estimator's
+``fop``; ``qmodel`` uses its own ``1e-1`` on the final update) -- plus per-component defaults where an estimator's
 or a rule's hyper-parameters mean something else (ISAAC's ``damping`` is lambda_a; SNGM's and LARS's ``lr`` is a
 step length; Shampoo's step has O(1) singular values; identity is momentum SGD). ``suggested`` (the best-known
 settings, used by the demo and the run configs) is a separate table. ``CurvlabOptimizer.component_defaults``

@@ -69,13 +69,15 @@ def train_digits(estimator, epochs, model="mlp", seed=0, rule="natural", batch_s
     return acc, opt
 
 
-def fit(net, opt, split, batch_size, epochs, shape=lambda x: x, seed=0) -> None:
-    """The plain loop (zero_grad, cross-entropy backward, step) over ``epochs`` seeded epochs of ``split``."""
+def fit(net, opt, split, batch_size, epochs, shape=lambda x: x, seed=0, objective=None) -> None:
+    """The plain loop (zero_grad, loss backward, step) over ``epochs`` seeded epochs of ``split``.
+
+    ``objective(output, labels)`` is the loss (default: cross-entropy)."""
     from curvlab.data import batches
 
     gen = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         for xb, yb in batches(split.x_train, split.y_train, batch_size, generator=gen):
             opt.zero_grad()
-            F.cross_entropy(net(shape(xb)), yb).backward()
+            (objective or F.cross_entropy)(net(shape(xb)), yb).backward()
             opt.step()
