@@ -57,6 +57,9 @@ from curvlab.models import mlp  # noqa: E402
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"num_train": 512, "num_eval": 256, "width": 32, "batch": 64, "steps": 20, "eval_every": 5,
              "grid": [1e-4, 1e-2, 1.0], "starts": [1e-4, 1.0], "estimators": ["kfac", "shampoo", "miniblock"]},
+    "small": {"num_train": 4096, "num_eval": 2048, "width": 64, "batch": 64, "steps": 300, "eval_every": 10,
+              "grid": [1e-4, 1e-3, 1e-2, 1e-1, 1.0], "starts": [1e-4, 1.0],
+              "estimators": ["kfac", "shampoo", "miniblock"]},
     "quick": {"num_train": 15000, "num_eval": 5000, "width": 256, "batch": 128, "steps": 800, "eval_every": 20,
               "grid": [1e-4, 1e-3, 1e-2, 1e-1, 1.0], "starts": [1e-4, 1.0],
               "estimators": ["kfac", "shampoo", "miniblock"]},
@@ -69,6 +72,15 @@ CLAIM_RATIO = 1.5        # the claim: adaptive reaches L* within 1.5x the best f
 SMOOTH = 3               # trailing window (in evaluations) of the smoothed loss
 RHO_CLIP = 30.0          # the rho panel shows values clipped to [-30, 30] (-inf: a non-finite loss after the step)
 EXTRA = {"miniblock": {"miniblock_mode": "woodbury", "miniblock_window": 1}}
+#: ``--mechanism``: what the adaptive runs add to ``damping_adapt="lm"`` (the fixed grid never changes)
+MECHANISMS: dict[str, dict[str, Any]] = {
+    "lm": {},
+    # Martens & Grosse sec. 6.6: the curvature's own damping gamma, chosen greedily by M every T2 = 20 steps
+    "lm+gamma": {"gamma_adapt": True},
+    # the curvature refreshed at once when the LM damping moved (the curvature sees a new damping the next step)
+    "lm+refresh": {"damping_refresh": True},
+    "lm+gamma+refresh": {"gamma_adapt": True, "damping_refresh": True},
+}
 
 
 def smooth(values: list[float], window: int = SMOOTH) -> list[float]:
@@ -86,14 +98,15 @@ def hyper_for(estimator: str, rule: str) -> dict[str, Any]:
 
 
 def train(estimator: str, rule: str, damping: float, adaptive: bool, data: dict[str, Any], cfg: dict[str, Any],
-          steps: int, seed: int) -> dict[str, Any]:
+          steps: int, seed: int, mechanism: str = "lm") -> dict[str, Any]:
     """One run in the closure loop; returns its evaluated curve and (adaptive) damping history."""
     x, y, x_eval, y_eval = data["x"], data["y"], data["x_eval"], data["y_eval"]
     torch.manual_seed(seed)
     model = mlp(x.shape[1], cfg["width"], 2, data["classes"], "relu").to(x.device)
     hyper = hyper_for(estimator, rule)
     opt = curvlab.optimizer(model, estimator, rule, seed=seed, damping=damping,
-                            damping_adapt="lm" if adaptive else None, **hyper)
+                            damping_adapt="lm" if adaptive else None, **(MECHANISMS[mechanism] if adaptive else {}),
+                            **hyper)
 
     def evaluate() -> float:
         with torch.no_grad(), curvlab.capture.paused():
@@ -130,7 +143,8 @@ def train(estimator: str, rule: str, damping: float, adaptive: bool, data: dict[
             "lr": hyper["lr"], "steps": curve_steps, "loss": losses, "smoothed": smooth(losses),
             "diverged": error is not None, "error": error, "steps_run": steps, "optimizer_steps": opt.step_count,
             "skipped_steps": opt.skipped_steps, "final_damping": opt.param_groups[0]["damping"],
-            "damping_history": history}
+            "final_gamma": opt.param_groups[0].get("gamma"), "damping_history": history,
+            "gamma_history": [{k: h[k] for k in ("step", "gamma", "choice")} for h in opt.gamma_history]}
 
 
 def final_smoothed(run: dict[str, Any]) -> float:
@@ -169,7 +183,7 @@ def summarize(estimator: str, fixed: list[dict[str, Any]], adaptive: list[dict[s
             "estimator": estimator, "start": run["start_damping"], "steps_to_L*": reached, "best_fixed_steps": best_steps,
             "ratio": ratio, "within_1.5x": ratio is not None and ratio <= CLAIM_RATIO,
             "final_loss": final_smoothed(run) if math.isfinite(final_smoothed(run)) else None,
-            "final_damping": run["final_damping"],
+            "final_damping": run["final_damping"], "final_gamma": run.get("final_gamma"),
             "min_damping": min([run["start_damping"]] + [h["damping"] for h in run["damping_history"]]),
             "max_damping": max([run["start_damping"]] + [h["damping"] for h in run["damping_history"]]),
             "best_fixed_damping": result["best_damping"],
@@ -215,6 +229,10 @@ def plot(results: dict[str, dict[str, Any]], summaries: dict[str, dict[str, Any]
             hist = run["damping_history"]
             ax_damp.plot([0] + [h["step"] + 1 for h in hist], [run["start_damping"]] + [h["damping"] for h in hist],
                          lw=2, color=color, label=label)
+            if run.get("gamma_history"):
+                ax_damp.plot([0] + [h["step"] + 1 for h in run["gamma_history"]],
+                             [run["start_damping"]] + [h["gamma"] for h in run["gamma_history"]], lw=1.2, ls="--",
+                             color=color, label=f"gamma from {run['start_damping']:g}")
             ax_rho.plot([h["step"] + 1 for h in hist], [min(max(h["rho"], -RHO_CLIP), RHO_CLIP) for h in hist], ".",
                         ms=3, color=color, label=label)
         if summ["target_loss"] is not None:
@@ -231,7 +249,7 @@ def plot(results: dict[str, dict[str, Any]], summaries: dict[str, dict[str, Any]
         ax_loss.set_ylabel("train loss (eval subset, smoothed)")
         ax_loss.legend(fontsize=6)
         ax_damp.set_yscale("log")
-        ax_damp.set_ylabel("damping (dotted: fixed grid)")
+        ax_damp.set_ylabel("damping lambda (dotted: fixed grid;\ndashed: curvature's gamma)", fontsize=8)
         ax_damp.legend(fontsize=6)
         ax_rho.set_yscale("symlog", linthresh=0.1)
         for level in (0.25, 0.75, 1.0):
@@ -250,6 +268,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--estimators", default=None, help="comma-separated (default: kfac,shampoo,miniblock)")
     p.add_argument("--rule", default="natural", choices=("natural", "qmodel"))
     p.add_argument("--steps", type=int, default=None, help="fixed budget B (default by mode)")
+    p.add_argument("--mechanism", default="lm", choices=tuple(MECHANISMS),
+                   help="what the adaptive runs add to damping_adapt='lm' (lm+gamma: Martens & Grosse's gamma rule)")
     args = p.parse_args(argv)
     cfg = dict(PRESETS[args.mode])
     if args.estimators:
@@ -268,7 +288,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"[{args.mode}] {name}: {len(x)} training examples (eval subset {len(data['x_eval'])}), MLP "
           f"{x.shape[1]}-{cfg['width']}-{cfg['width']}-{split.num_classes} ReLU, batch {cfg['batch']}, rule "
           f"{args.rule}; fixed grid {cfg['grid']} for {cfg['steps']} steps, LM from {cfg['starts']} for "
-          f"{adaptive_steps} steps (interval {interval}, omega {omega:.4f})")
+          f"{adaptive_steps} steps (interval {interval}, omega {omega:.4f}, mechanism {args.mechanism})")
     results, summaries = {}, {}
     for est in cfg["estimators"]:
         fixed = []
@@ -278,7 +298,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   + (f"  [{fixed[-1]['error']}]" if fixed[-1]["diverged"] else ""), flush=True)
         adaptive = []
         for d in cfg["starts"]:
-            adaptive.append(train(est, args.rule, d, True, data, cfg, adaptive_steps, args.seed))
+            adaptive.append(train(est, args.rule, d, True, data, cfg, adaptive_steps, args.seed, args.mechanism))
             print(f"  {est} LM from {d:g}: final smoothed loss {final_smoothed(adaptive[-1]):.4g}, damping "
                   f"{adaptive[-1]['final_damping']:.3g}" + (f"  [{adaptive[-1]['error']}]" if adaptive[-1]["diverged"]
                                                            else ""), flush=True)
@@ -289,7 +309,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"\nL* = the best fixed damping's final smoothed loss after {cfg['steps']} steps; ratio = adaptive steps to "
           f"L* / the best fixed run's steps to L*; claim: ratio <= {CLAIM_RATIO}")
     print(format_table(rows, ["estimator", "start", "steps_to_L*", "best_fixed_steps", "ratio", "within_1.5x",
-                              "final_damping", "final_loss", "best_fixed_damping", "steps_to_travel", "down", "up",
+                              "final_damping", "final_gamma", "final_loss", "best_fixed_damping", "steps_to_travel", "down", "up",
                               "rho_nan", "median_rho", "diverged_at"]))
     print("\nfixed grid, final smoothed loss ('-' = diverged):")
     grid_rows = [{"estimator": est, "L*": s["target_loss"], **{f"{d:g}": s["fixed_final"][str(d)] for d in cfg["grid"]}}
@@ -297,9 +317,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(format_table(grid_rows, ["estimator", "L*"] + [f"{d:g}" for d in cfg["grid"]]))
     out = Path(args.out)
     plot(results, summaries, cfg, out, f"{name}, MLP width {cfg['width']}, batch {cfg['batch']}: fixed damping "
-                                       f"({cfg['steps']} steps) vs LM adaptive ({adaptive_steps} steps), rule {args.rule}")
+                                       f"({cfg['steps']} steps) vs adaptive {args.mechanism} ({adaptive_steps} steps), rule {args.rule}")
     numbers = {"mode": args.mode, "dataset": name,
-               "config": {**cfg, "rule": args.rule, "seed": args.seed, "budget_factor": BUDGET_FACTOR,
+               "config": {**cfg, "rule": args.rule, "mechanism": args.mechanism,
+                          "mechanism_hyper": MECHANISMS[args.mechanism], "seed": args.seed, "budget_factor": BUDGET_FACTOR,
                           "adaptive_steps": adaptive_steps, "claim_ratio": CLAIM_RATIO, "smooth_window": SMOOTH,
                           "damping_interval": interval, "damping_omega": omega,
                           "damping_min": defaults["damping_min"].default,

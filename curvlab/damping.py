@@ -20,7 +20,9 @@ section 10, eqs. Q.2-Q.3), for every estimator with ``solve`` and every rule.
   value (no extra pass), other rules cost one forward-mode pass along the final update.
 * ``lambda`` is the ``damping`` of every param group, updated in place (all groups by the same factor, each
   clamped), so ``param_groups``, ``state_dict()`` and schedulers see it. The curvature uses the new value from its
-  next refresh (``inv_interval``), the quadratic model at once. ``opt.damping_history`` gets one entry per
+  next refresh (``inv_interval``; with ``damping_refresh=True`` at the next step whenever the damping moved, one
+  extra refresh per move), the quadratic model at once. With ``gamma_adapt=True`` (:mod:`curvlab.factor_damping`)
+  the curvature uses its own damping gamma and lambda is the quadratic model's only. ``opt.damping_history`` gets one entry per
   adaptation step (``step``, ``rho``, ``damping``, ``damping_before``, ``h_before``, ``h_after``, ``predicted``)
   and is saved in the checkpoint.
 * Guards (each an ``opt.events`` entry): a model that predicts no decrease (``M(delta) - M(0) >= 0``, e.g. a
@@ -122,6 +124,8 @@ class LevenbergMarquardt:
         else:
             rho = (h1_total - h0) / pending.predicted
         factor = self.omega if rho > self.rho_high else 1.0 / self.omega if rho < self.rho_low else 1.0
+        if factor != 1.0 and opt.config["damping_refresh"] and opt.gamma is None:
+            opt.refresh_next = True                   # the curvature sees the new damping at the next step
         before = [g["damping"] for g in opt.param_groups]
         for group in opt.param_groups:
             value = group["damping"] * factor if factor != 1.0 else group["damping"]

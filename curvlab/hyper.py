@@ -20,7 +20,8 @@ Non-finite steps: ``nonfinite`` (``"skip"``/``"raise"``) and ``max_skipped_steps
 :class:`curvlab.Diverged`, :mod:`curvlab.divergence`).
 
 Adaptive damping (:mod:`curvlab.damping`, Martens & Grosse 2015 sec. 6.5): ``damping_adapt`` (None/``"lm"``),
-``damping_interval`` (T1), ``damping_omega``, ``damping_min``/``damping_max``, ``damping_thresholds``; the
+``damping_interval`` (T1), ``damping_omega``, ``damping_min``/``damping_max``, ``damping_thresholds``,
+``damping_refresh``; the
 curvature's own damping gamma (:mod:`curvlab.factor_damping`, sec. 6.6): ``gamma_adapt``, ``gamma_interval`` (T2),
 ``gamma_omega``.
 
@@ -205,6 +206,9 @@ COMMON: dict[str, Option] = {
     "damping_min": Option(1e-8, non_negative, "lower bound of the adapted damping"),
     "damping_max": Option(1e6, positive, "upper bound of the adapted damping"),
     "damping_thresholds": Option((0.25, 0.75), _thresholds, "(low, high) reduction-ratio thresholds of the LM rule"),
+    "damping_refresh": Option(False, boolean, "True = refresh the curvature on the step after an LM adaptation that "
+                              "moved the damping (default: at its next inv_interval refresh; no effect with "
+                              "gamma_adapt, where the curvature uses gamma)"),
     # the curvature's own damping gamma (Martens & Grosse 2015 sec. 6.6; curvlab.factor_damping)
     "gamma_adapt": Option(False, boolean, "True = the curvature's solve uses a separate damping gamma per group "
                           "(initially its damping), chosen greedily every gamma_interval steps among gamma * "

@@ -82,6 +82,8 @@ class CurvlabOptimizer(torch.optim.Optimizer):
         self.skipped_steps = 0
         self._streak = SkipStreak(self)                   # skips in a row -> curvlab.Diverged (curvlab.divergence)
         self._t = 0
+        #: refresh every layer at the next step (set by the LM damping with ``damping_refresh``)
+        self.refresh_next = False
         #: per-section step timing (:mod:`curvlab.profiling`); ``None`` = off
         self.sections: Sections | None = None
         self.units = self._build_units(model, strict)
@@ -282,7 +284,8 @@ class CurvlabOptimizer(torch.optim.Optimizer):
             if stat_step and not self._accumulate(stats):
                 return loss
         with section(self.sections, "refresh"):
-            self.refresh(force=self._t % self.config["inv_interval"] == 0)
+            due, self.refresh_next = self.refresh_next, False      # damping_refresh (curvlab.damping)
+            self.refresh(force=due or self._t % self.config["inv_interval"] == 0)
         first_order_where_uncaptured(self, grads, stats, stat_step)
         with section(self.sections, "precondition"):
             if self.gamma is not None and self.gamma.due(self._t):       # curvlab.factor_damping
@@ -347,6 +350,7 @@ class CurvlabOptimizer(torch.optim.Optimizer):
             "capture": self.capture.state_dict() if self.capture else {},
             "damping_history": list(self.damping_history),
             "gamma_history": list(self.gamma_history),
+            "refresh_next": self.refresh_next,
         }
         return sd
 
@@ -372,6 +376,7 @@ class CurvlabOptimizer(torch.optim.Optimizer):
         self._t, self.skipped_steps = extra["step"], extra["skipped_steps"]
         self.damping_history[:] = extra.get("damping_history", [])
         self.gamma_history[:] = extra.get("gamma_history", [])
+        self.refresh_next = bool(extra.get("refresh_next", False))
         for unit in self.units:
             if unit.preconditioned:
                 unit.curvature.load_state_dict(extra["curvature"][unit.name])
