@@ -263,11 +263,30 @@ def plot(results: dict[str, dict[str, Any]], summaries: dict[str, dict[str, Any]
     save_figure(fig, out, "damping")
 
 
+def reusable_fixed(path: str, cfg: dict[str, Any], args: Any, dataset: str) -> dict[str, dict[str, Any]]:
+    """``{estimator: {str(damping): run}}`` of the fixed runs in an earlier ``damping.json``; ValueError naming the
+    first setting that differs (mode, rule, seed, data set or any preset value)."""
+    import json
+
+    old = json.loads(Path(path).read_text())
+    mine = {"mode": args.mode, "rule": args.rule, "seed": args.seed, "dataset": dataset,
+            **{k: v for k, v in cfg.items() if k not in ("starts", "estimators")}}
+    theirs = {"mode": old["mode"], "dataset": old["dataset"], **old["config"]}
+    for key, value in mine.items():
+        if theirs.get(key) != value:
+            raise ValueError(f"--reuse-fixed {path}: its {key} is {theirs.get(key)!r}, this run's {value!r}")
+    return {est: {str(r["start_damping"]): r for r in res["fixed"]} for est, res in old["estimators"].items()
+            if all(str(d) in {str(r["start_damping"]) for r in res["fixed"]} for d in cfg["grid"])}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = paper_mode_parser(__doc__.split("\n\n")[0], "out/damping")
     p.add_argument("--estimators", default=None, help="comma-separated (default: kfac,shampoo,miniblock)")
     p.add_argument("--rule", default="natural", choices=("natural", "qmodel"))
     p.add_argument("--steps", type=int, default=None, help="fixed budget B (default by mode)")
+    p.add_argument("--reuse-fixed", default=None, metavar="JSON",
+                   help="take the fixed-grid runs from an earlier damping.json of the same mode, rule, data and seed "
+                        "(they do not depend on --mechanism)")
     p.add_argument("--mechanism", default="lm", choices=tuple(MECHANISMS),
                    help="what the adaptive runs add to damping_adapt='lm' (lm+gamma: Martens & Grosse's gamma rule)")
     args = p.parse_args(argv)
@@ -290,10 +309,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"{args.rule}; fixed grid {cfg['grid']} for {cfg['steps']} steps, LM from {cfg['starts']} for "
           f"{adaptive_steps} steps (interval {interval}, omega {omega:.4f}, mechanism {args.mechanism})")
     results, summaries = {}, {}
+    reused = reusable_fixed(args.reuse_fixed, cfg, args, name) if args.reuse_fixed else {}
     for est in cfg["estimators"]:
         fixed = []
         for d in cfg["grid"]:
-            fixed.append(train(est, args.rule, d, False, data, cfg, cfg["steps"], args.seed))
+            fixed.append(reused[est][str(d)] if est in reused else
+                         train(est, args.rule, d, False, data, cfg, cfg["steps"], args.seed))
             print(f"  {est} fixed {d:g}: final smoothed loss {final_smoothed(fixed[-1]):.4g}"
                   + (f"  [{fixed[-1]['error']}]" if fixed[-1]["diverged"] else ""), flush=True)
         adaptive = []
