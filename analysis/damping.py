@@ -281,6 +281,7 @@ def reusable_fixed(path: str, cfg: dict[str, Any], args: Any, dataset: str) -> d
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = paper_mode_parser(__doc__.split("\n\n")[0], "out/damping")
+    next(a for a in p._actions if a.dest == "mode").choices = tuple(PRESETS)     # + small: a screen of minutes
     p.add_argument("--estimators", default=None, help="comma-separated (default: kfac,shampoo,miniblock)")
     p.add_argument("--rule", default="natural", choices=("natural", "qmodel"))
     p.add_argument("--steps", type=int, default=None, help="fixed budget B (default by mode)")
