@@ -88,9 +88,15 @@ def smooth(values: list[float], window: int = SMOOTH) -> list[float]:
     return [sum(values[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(values))]
 
 
-def hyper_for(estimator: str, rule: str) -> dict[str, Any]:
-    """The estimator's suggested hyper-parameters without its damping (the rule qmodel: lr 1.0, no momentum)."""
+def hyper_for(estimator: str, rule: str, kl_clip: str = "suggested") -> dict[str, Any]:
+    """The estimator's suggested hyper-parameters without its damping (the rule qmodel: lr 1.0, no momentum);
+    ``kl_clip``: ``"suggested"`` (the estimator's, None for the three here), ``"default"`` (the library default of
+    the triple: 1e-3 under natural, qmodel's 1e-2) or a number."""
     hyper = {k: v for k, v in curvlab.ESTIMATORS.get(estimator).suggested.items() if k != "damping"}
+    if kl_clip == "default":
+        hyper.pop("kl_clip", None)
+    elif kl_clip != "suggested":
+        hyper["kl_clip"] = float(kl_clip)
     if rule == "qmodel":
         hyper["lr"] = 1.0
         hyper.pop("momentum", None)
@@ -103,7 +109,7 @@ def train(estimator: str, rule: str, damping: float, adaptive: bool, data: dict[
     x, y, x_eval, y_eval = data["x"], data["y"], data["x_eval"], data["y_eval"]
     torch.manual_seed(seed)
     model = mlp(x.shape[1], cfg["width"], 2, data["classes"], "relu").to(x.device)
-    hyper = hyper_for(estimator, rule)
+    hyper = hyper_for(estimator, rule, cfg.get("kl_clip", "suggested"))
     opt = curvlab.optimizer(model, estimator, rule, seed=seed, damping=damping,
                             damping_adapt="lm" if adaptive else None, **(MECHANISMS[mechanism] if adaptive else {}),
                             **hyper)
@@ -288,6 +294,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--reuse-fixed", default=None, metavar="JSON",
                    help="take the fixed-grid runs from an earlier damping.json of the same mode, rule, data and seed "
                         "(they do not depend on --mechanism)")
+    p.add_argument("--kl-clip", default="suggested",
+                   help="trust region of EVERY run (fixed and adaptive): 'suggested' (the estimators' suggested "
+                        "kl_clip, None; the default), 'default' (the library default: natural 1e-3, qmodel 1e-2) "
+                        "or a number")
     p.add_argument("--mechanism", default="lm", choices=tuple(MECHANISMS),
                    help="what the adaptive runs add to damping_adapt='lm' (lm+gamma: Martens & Grosse's gamma rule)")
     args = p.parse_args(argv)
@@ -296,6 +306,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         cfg["estimators"] = args.estimators.split(",")
     if args.steps:
         cfg["steps"] = args.steps
+    if args.kl_clip != "suggested":
+        cfg["kl_clip"] = args.kl_clip
     device = torch.device(args.device)
     split, name = mnist_or_fallback(args.data_dir, num_train=cfg["num_train"], num_test=1)
     x, y = split.x_train.flatten(1).to(device), split.y_train.to(device)
@@ -324,7 +336,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"  {est} LM from {d:g}: final smoothed loss {final_smoothed(adaptive[-1]):.4g}, damping "
                   f"{adaptive[-1]['final_damping']:.3g}" + (f"  [{adaptive[-1]['error']}]" if adaptive[-1]["diverged"]
                                                            else ""), flush=True)
-        results[est] = {"lr": fixed[0]["lr"], "rule": args.rule, "hyper": hyper_for(est, args.rule),
+        results[est] = {"lr": fixed[0]["lr"], "rule": args.rule, "hyper": hyper_for(est, args.rule, cfg.get("kl_clip", "suggested")),
                         "fixed": fixed, "adaptive": adaptive}
         summaries[est] = summarize(est, fixed, adaptive, interval, omega)
     rows = [r for s in summaries.values() for r in s["rows"]]
