@@ -281,3 +281,11 @@ def test_plain_run_gets_no_closure_and_no_damping_keys(monkeypatch: pytest.Monke
     result = run({**TINY, "train": {**TINY["train"], "epochs": 1}}, None, quiet=True)
     assert closures and all(c is None for c in closures)
     assert not {"damping", "damping_history", "gamma"} & set(result.metrics[-1])
+
+
+def test_run_with_gamma_adapt_records_gamma_without_a_closure() -> None:
+    cfg = apply_overrides({**TINY, "train": {**TINY["train"], "epochs": 1}},
+                          ["optimizer.gamma_adapt=true", "optimizer.gamma_interval=5"])
+    row = run(cfg, None, quiet=True).metrics[-1]
+    assert [h["step"] for h in row["gamma_history"]] == [0, 5, 10] and row["gamma"] == row["gamma_history"][-1]["gamma"]
+    assert row["damping_history"] == [] and row["damping"] == resolve_config(cfg)["optimizer"]["damping"]
