@@ -344,14 +344,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"  {est} LM from {d:g}: final smoothed loss {final_smoothed(adaptive[-1]):.4g}, damping "
                   f"{adaptive[-1]['final_damping']:.3g}" + (f"  [{adaptive[-1]['error']}]" if adaptive[-1]["diverged"]
                                                            else ""), flush=True)
-        results[est] = {"lr": fixed[0]["lr"], "rule": args.rule, "hyper": hyper_for(est, args.rule, cfg.get("kl_clip", "suggested")),
+        results[est] = {"lr": fixed[0]["lr"], "rule": args.rule,
+                        "hyper": hyper_for(est, args.rule, cfg.get("kl_clip", "suggested")),
                         "fixed": fixed, "adaptive": adaptive}
         summaries[est] = summarize(est, fixed, adaptive, interval, omega)
     rows = [r for s in summaries.values() for r in s["rows"]]
     print(f"\nL* = the best fixed damping's final smoothed loss after {cfg['steps']} steps; ratio = adaptive steps to "
           f"L* / the best fixed run's steps to L*; claim: ratio <= {CLAIM_RATIO}")
     print(format_table(rows, ["estimator", "start", "steps_to_L*", "best_fixed_steps", "ratio", "within_1.5x",
-                              "final_damping", "final_gamma", "final_loss", "best_fixed_damping", "steps_to_travel", "down", "up",
+                              "final_damping", "final_gamma", "final_loss", "best_fixed_damping", "steps_to_travel",
+                              "down", "up",
                               "rho_nan", "median_rho", "diverged_at"]))
     print("\nfixed grid, final smoothed loss ('-' = diverged):")
     grid_rows = [{"estimator": est, "L*": s["target_loss"], **{f"{d:g}": s["fixed_final"][str(d)] for d in cfg["grid"]}}
@@ -359,10 +361,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(format_table(grid_rows, ["estimator", "L*"] + [f"{d:g}" for d in cfg["grid"]]))
     out = Path(args.out)
     plot(results, summaries, cfg, out, f"{name}, MLP width {cfg['width']}, batch {cfg['batch']}: fixed damping "
-                                       f"({cfg['steps']} steps) vs adaptive {args.mechanism} ({adaptive_steps} steps), rule {args.rule}")
+                                       f"({cfg['steps']} steps) vs adaptive {args.mechanism} ({adaptive_steps} steps), "
+                                       f"rule {args.rule}")
     numbers = {"mode": args.mode, "dataset": name,
                "config": {**cfg, "rule": args.rule, "mechanism": args.mechanism,
-                          "mechanism_hyper": MECHANISMS[args.mechanism], "seed": args.seed, "budget_factor": BUDGET_FACTOR,
+                          "mechanism_hyper": MECHANISMS[args.mechanism],
+                          "seed": args.seed, "budget_factor": BUDGET_FACTOR,
                           "adaptive_steps": adaptive_steps, "claim_ratio": CLAIM_RATIO, "smooth_window": SMOOTH,
                           "damping_interval": interval, "damping_omega": omega,
                           "damping_min": defaults["damping_min"].default,
