@@ -23,8 +23,8 @@ section 10, eqs. Q.2-Q.3), for every estimator with ``solve`` and every rule.
   next refresh (``inv_interval``; with ``damping_refresh=True`` at the next step whenever the damping moved, one
   extra refresh per move), the quadratic model at once. With ``gamma_adapt=True`` (:mod:`curvlab.factor_damping`)
   the curvature uses its own damping gamma and lambda is the quadratic model's only. ``opt.damping_history`` gets
-  one entry per adaptation step (``step``, ``rho``, ``damping``, ``damping_before``, ``h_before``, ``h_after``, ``predicted``)
-  and is saved in the checkpoint.
+  one entry per adaptation step (``step``, ``rho``, ``damping``, ``damping_before``, ``h_before``, ``h_after``,
+  ``predicted``) and is saved in the checkpoint.
 * Guards (each an ``opt.events`` entry): a model that predicts no decrease (``M(delta) - M(0) >= 0``, e.g. a
   zero gradient) gives ``rho = nan`` and leaves lambda unchanged; a non-finite ``h(theta + delta)`` gives
   ``rho = -inf`` (lambda increases).
