@@ -56,6 +56,7 @@ Outputs (``--out``): ``mbf_autoencoder.png/.pdf`` (train loss vs optimizer wall-
 """
 from __future__ import annotations
 
+import logging
 import sys
 from typing import Any
 
@@ -63,45 +64,48 @@ import torch
 import torch.nn.functional as F
 
 from curvlab import capture
+from curvlab.experiments.fair import Method, fair_compare
+from curvlab.experiments.fair_traces import TracedRuns, publish_fair, results_of, tuned_methods
 from curvlab.experiments.runner import evaluate
-from curvlab.experiments.traces import bench_chosen, plot_curves, publish, summary_rows, sweep_method, train_fn
+from curvlab.experiments.traces import bench_chosen, plot_curves, summary_rows
 from curvlab.figures import mnist_or_fallback, paper_mode_parser
 from curvlab.models import autoencoder
+from curvlab.validation import carve_validation
 
-#: ``tune_steps``: budget of each lr-grid run (None: the grid runs are the reported runs); ``bench_steps``:
-#: round-robin timing steps (a multiple of ``inv_interval``).
+#: ``trials``: the tuning budget of EVERY method; ``steps``: the budget of every run (trials and test re-runs);
+#: ``val_fraction`` of the ``num_train`` training images is carved off for selection; ``num_eval`` fitting images
+#: give the training-loss curve; ``bench_steps``: round-robin timing steps (a multiple of ``inv_interval``).
 MODES: dict[str, dict[str, Any]] = {
-    "tiny": dict(num_train=256, num_eval=256, num_test=64, width=32, code=8, activation="relu", batch=32,
-                 steps=8, tune_steps=None, eval_every=4, lr_scales=(1.0,), seeds=1, bench_steps=2),
-    "quick": dict(num_train=10000, num_eval=2000, num_test=2000, width=250, code=30, activation="relu",
-                  batch=100, steps=500, tune_steps=150, eval_every=25, lr_scales=(0.3, 1.0, 3.0, 10.0), seeds=1,
-                  bench_steps=20),
-    "full": dict(num_train=None, num_eval=10000, num_test=None, width=1000, code=30, activation="sigmoid",
-                 batch=1000, steps=6000, tune_steps=1000, eval_every=100, lr_scales=(0.1, 0.3, 1.0, 3.0, 10.0, 30.0),
-                 seeds=3, bench_steps=50),
+    "tiny": dict(num_train=320, val_fraction=0.2, num_eval=256, num_test=64, width=32, code=8, activation="relu",
+                 batch=32, steps=8, eval_every=4, trials=2, seeds=1, bench_steps=2),
+    "quick": dict(num_train=10000, val_fraction=0.2, num_eval=2000, num_test=2000, width=250, code=30,
+                  activation="relu", batch=100, steps=200, eval_every=25, trials=8, seeds=2, bench_steps=20),
+    "full": dict(num_train=None, val_fraction=1 / 6, num_eval=10000, num_test=None, width=1000, code=30,
+                 activation="sigmoid", batch=1000, steps=6000, eval_every=100, trials=24, seeds=3, bench_steps=50),
 }
 
-#: Base lr (the sweep is ``lr * lr_scales``; centres from pilot runs of the quick setup) and the fixed
-#: hyper-parameters of each method (damping from pilot runs: the MSE averaged over 784 pixels makes the
-#: Fisher blocks tiny, so MBF's absolute damping is small; Shampoo's step is scale-free like Adam's, hence
-#: an Adam-sized lr).
-METHODS: list[dict[str, Any]] = [
-    {"label": "Adam", "optimizer": "adam", "lr": 1e-3},
-    {"label": "K-FAC", "optimizer": "kfac", "lr": 1e-2, "damping": 1e-2, "momentum": 0.9, "ema_decay": 0.95,
-     "inv_interval": 10, "kl_clip": None},
-    {"label": "Shampoo", "optimizer": "shampoo", "lr": 1e-3, "damping": 1e-2, "momentum": 0.9, "ema_decay": 0.95,
-     "inv_interval": 10, "kl_clip": None},
-    {"label": "MBF", "optimizer": "miniblock", "lr": 3e-4, "damping": 1e-4, "momentum": 0.9, "ema_decay": 0.0,
-     "inv_interval": 10, "fisher": "empirical", "miniblock_mode": "woodbury", "miniblock_window": 1, "kl_clip": None},
+LR = {"low": 1e-5, "high": 1.0, "log": True}
+#: The methods: search spaces (lr and, for the curvature methods, damping, on log ranges spanning 6-7 decades
+#: so the optimum is inside) and fixed settings. The MSE averaged over 784 pixels makes the curvature tiny
+#: (mini-block means ~1e-5), hence the low damping edges.
+METHODS: list[Method] = [
+    Method("Adam", {"lr": {"low": 1e-5, "high": 1e-1, "log": True}}, fixed={"optimizer": "adam"}),
+    Method("K-FAC", {"lr": LR, "damping": {"low": 1e-7, "high": 1.0, "log": True}}, second_order=True,
+           fixed={"optimizer": "kfac", "momentum": 0.9, "ema_decay": 0.95, "inv_interval": 10, "kl_clip": None}),
+    Method("Shampoo", {"lr": LR, "damping": {"low": 1e-7, "high": 1.0, "log": True}}, second_order=True,
+           fixed={"optimizer": "shampoo", "momentum": 0.9, "ema_decay": 0.95, "inv_interval": 10, "kl_clip": None}),
+    Method("MBF", {"lr": LR, "damping": {"low": 1e-9, "high": 1e-1, "log": True}}, second_order=True,
+           fixed={"optimizer": "miniblock", "momentum": 0.9, "ema_decay": 0.5, "inv_interval": 10,
+                  "fisher": "empirical", "miniblock_mode": "woodbury", "miniblock_window": 2, "kl_clip": None}),
 ]
 COLUMNS = ("method", "lr", "final_train_loss", "final_test_loss", "ms_per_step", "step_time_vs_Adam",
            "bench_ms_per_step", "bench_vs_Adam", "steps_to_threshold", "s_to_threshold", "diverged_seeds")
 
 
-def _methods(mbf_mode: str) -> list[dict[str, Any]]:
-    out = [dict(m) for m in METHODS]
+def _methods(mbf_mode: str) -> list[Method]:
+    out = [Method(m.name, dict(m.space), m.second_order, dict(m.fixed)) for m in METHODS]
     if mbf_mode == "direct":
-        mbf = out[-1]
+        mbf = out[-1].fixed
         mbf.pop("miniblock_window")
         mbf.update(miniblock_mode="auto", ema_decay=0.95)
     return out
@@ -110,10 +114,14 @@ def _methods(mbf_mode: str) -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = paper_mode_parser(__doc__.splitlines()[0], "paper_figures/out/mbf")
     parser.add_argument("--mbf-mode", choices=("woodbury", "direct"), default="woodbury",
-                        help="MBF storage: per-row Woodbury (default) or EMA'd direct / auto blocks")
+                        help="MBF storage: per-row Woodbury over a 2-batch truncated EMA (default) or EMA'd "
+                             "direct / auto blocks")
+    parser.add_argument("--trials", type=int, default=None, help="tuning trials per method (default: the mode's)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: leave as is)")
     args = parser.parse_args(argv)
-    cfg = MODES[args.mode]
+    cfg = dict(MODES[args.mode])
+    if args.trials is not None:
+        cfg["trials"] = args.trials
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -122,36 +130,41 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     x_train, x_test = split.x_train, split.x_test
     if name != "mnist":                            # digits: pixels 0..16 -> [0, 1]
         x_train, x_test = x_train / 16.0, x_test / 16.0
-    x_train, x_test = x_train.to(device), x_test.to(device)
-    d = x_train.shape[1]
+    # selection data: a stratified validation split carved from the TRAINING images
+    x_fit, _, x_val, _ = carve_validation(x_train, split.y_train, cfg["val_fraction"], seed=0, stratify=True)
+    x_fit, x_val, x_test = x_fit.to(device), x_val.to(device), x_test.to(device)
+    d = x_fit.shape[1]
     if args.mode != "full":
         print(f"[{args.mode} mode] REDUCED autoencoder {d}-{cfg['width']}-{cfg['width'] // 2}-"
-              f"{round(cfg['width'] / 4)}-{cfg['code']} ({cfg['activation']}), {len(x_train)} training images, "
-              f"{cfg['steps']} steps of batch {cfg['batch']}: not the paper's setup (see the docstring)")
+              f"{round(cfg['width'] / 4)}-{cfg['code']} ({cfg['activation']}), {len(x_fit)} fitting / {len(x_val)} "
+              f"validation images, {cfg['steps']} steps of batch {cfg['batch']}, {cfg['trials']} trials per "
+              "method: not the paper's setup (see the docstring)")
 
     def make_model(seed: int) -> torch.nn.Module:
         torch.manual_seed(seed)
         return autoencoder(d, cfg["width"], cfg["code"], cfg["activation"]).to(device)
 
-    x_eval = x_train[:cfg["num_eval"]]
+    x_eval = x_fit[:cfg["num_eval"]]
 
-    def evaluate_fn(model: torch.nn.Module) -> dict[str, float]:
+    def evaluate_fn(model: torch.nn.Module, phase: str) -> dict[str, float]:
+        held_out = x_val if phase == "val" else x_test          # the test set only in the final re-runs
         with capture.paused():
             return {"train_loss": evaluate(model, x_eval, x_eval, "regression")[0],
-                    "test_loss": evaluate(model, x_test, x_test, "regression")[0]}
+                    f"{phase}_loss": evaluate(model, held_out, held_out, "regression")[0]}
 
-    train = train_fn(x_train, x_train, F.mse_loss, cfg["batch"], cfg["steps"], cfg["eval_every"], evaluate_fn,
-                     progress=args.mode != "tiny")
-    tune = None if cfg["tune_steps"] is None else train_fn(
-        x_train, x_train, F.mse_loss, cfg["batch"], cfg["tune_steps"], cfg["eval_every"], evaluate_fn,
-        progress=args.mode != "tiny")
+    if args.mbf_mode == "woodbury":     # said once here instead of once per layer and run
+        print("MBF: woodbury mode over a truncated EMA of the last miniblock_window=2 statistics batches")
+        logging.getLogger("curvlab").addFilter(
+            lambda record: "keeps an EMA truncated" not in str(record.msg))
+    runs = TracedRuns(make_model, x_fit, x_fit, evaluate_fn, loss="mse", loss_fn=F.mse_loss,
+                      batch_size=cfg["batch"], steps=cfg["steps"], eval_every=cfg["eval_every"],
+                      progress=args.mode != "tiny")
     seeds = [args.seed + k for k in range(cfg["seeds"])]
-    results = {}
     methods = _methods(args.mbf_mode)
-    for method in methods:
-        results[method["label"]] = sweep_method(method, cfg["lr_scales"], seeds, make_model, train, loss="mse",
-                                                score="train_loss", lower=True, tune=tune)
-    bench = bench_chosen(methods, results, make_model, x_train, x_train, loss="mse", loss_fn=F.mse_loss,
+    record = fair_compare(methods, runs, cfg["trials"], metric="val_loss", direction="minimize", seeds=seeds,
+                          sampler="qmc", seed=args.seed, tuning_seed=args.seed, progress=args.mode != "tiny")
+    results = results_of(record, runs)
+    bench = bench_chosen(tuned_methods(record), results, make_model, x_fit, x_fit, loss="mse", loss_fn=F.mse_loss,
                          batch_size=cfg["batch"], steps=cfg["bench_steps"], seed=seeds[0])
     adam = [t.rows[-1]["train_loss"] for t in results["Adam"]["traces"] if not t.diverged]
     threshold = sum(adam) / len(adam) if adam else None     # the loss Adam reaches at the end of the budget
@@ -159,17 +172,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for row, res in zip(rows, results.values()):
         tests = [t.rows[-1]["test_loss"] for t in res["traces"]]
         row["final_test_loss"] = sum(tests) / len(tests)
-    setup = {"paper": "Bahamou, Goldfarb & Ren, AISTATS 2023 (arXiv 2202.04124)", "mode": args.mode,
-             "data": name, "num_train": len(x_train), "device": str(device), "threads": torch.get_num_threads(),
-             "seeds": seeds, "threshold_train_loss": threshold, "methods": _methods(args.mbf_mode),
-             **{k: v for k, v in cfg.items() if k not in ("lr_scales",)}, "lr_scales": list(cfg["lr_scales"])}
+    setup = {**cfg, "paper": "Bahamou, Goldfarb & Ren, AISTATS 2023 (arXiv 2202.04124)", "mode": args.mode,
+             "data": name, "num_fit": len(x_fit), "num_val": len(x_val), "num_test": len(x_test),
+             "device": str(device), "threads": torch.get_num_threads(), "seeds": seeds,
+             "threshold_train_loss": threshold, "loss": "MSE averaged over the pixels (torch mse_loss)",
+             "methods": {m.name: {"space": m.space, "fixed": m.fixed} for m in methods}}
     fig = plot_curves(results, [("time_s", "train_loss", "train loss (MSE)", True),
                                 ("epoch", "train_loss", "train loss (MSE)", True)],
-                      f"MNIST autoencoder ({args.mode} mode, width {cfg['width']}, {cfg['activation']}): "
-                      f"MBF vs K-FAC vs Shampoo vs Adam")
-    return publish(args.out, "mbf_autoencoder", fig, results, rows, setup, bench, COLUMNS,
-                   threshold_note=f"threshold = Adam's final train loss = {threshold}",
-                   score_name="final train loss", bench_steps=cfg["bench_steps"])
+                      f"MNIST autoencoder ({args.mode} mode, width {cfg['width']}, {cfg['activation']}): MBF vs "
+                      f"K-FAC vs Shampoo vs Adam, each tuned with {cfg['trials']} trials")
+    return publish_fair(args.out, "mbf_autoencoder", fig, record, results, rows, setup, runs, bench, COLUMNS,
+                        threshold_note=f"threshold = Adam's final train loss = {threshold}",
+                        bench_steps=cfg["bench_steps"])
 
 
 if __name__ == "__main__":
