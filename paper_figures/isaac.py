@@ -76,7 +76,7 @@ MODES: dict[str, dict[str, Any]] = {
     "tiny": dict(num_train=320, val_fraction=0.2, num_eval=256, num_test=64, width=16, depth=4, batch=32, steps=8,
                  eval_every=4, trials=2, seeds=1, bench_steps=2,
                  e1_width=16, e1_steps=8, e1_lambda_g=(1.0, None), e1_lambda_a=(1.0, 10.0), e1_lrs=(0.3,)),
-    "quick": dict(num_train=10000, val_fraction=0.2, num_eval=2000, num_test=2000, width=400, depth=4, batch=60,
+    "quick": dict(num_train=10000, val_fraction=0.2, num_eval=2000, num_test=2000, width=100, depth=4, batch=60,
                   steps=500, eval_every=25, trials=8, seeds=2, bench_steps=30,
                   e1_width=100, e1_steps=300, e1_lambda_g=(1e-2, 1.0, 100.0, None), e1_lambda_a=(0.1, 1.0, 10.0, 100.0),
                   e1_lrs=(0.1, 0.3, 1.0)),

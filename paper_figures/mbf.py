@@ -78,8 +78,8 @@ from curvlab.validation import carve_validation
 MODES: dict[str, dict[str, Any]] = {
     "tiny": dict(num_train=320, val_fraction=0.2, num_eval=256, num_test=64, width=32, code=8, activation="relu",
                  batch=32, steps=8, eval_every=4, trials=2, seeds=1, bench_steps=2),
-    "quick": dict(num_train=10000, val_fraction=0.2, num_eval=2000, num_test=2000, width=250, code=30,
-                  activation="relu", batch=100, steps=200, eval_every=25, trials=8, seeds=2, bench_steps=20),
+    "quick": dict(num_train=10000, val_fraction=0.2, num_eval=2000, num_test=2000, width=128, code=30,
+                  activation="relu", batch=100, steps=200, eval_every=25, trials=6, seeds=2, bench_steps=20),
     "full": dict(num_train=None, val_fraction=1 / 6, num_eval=10000, num_test=None, width=1000, code=30,
                  activation="sigmoid", batch=1000, steps=6000, eval_every=100, trials=24, seeds=3, bench_steps=50),
 }
