@@ -1,54 +1,45 @@
 """ISAAC (Petersen, Sutter, Borgelt, Huh, Kuehne, Sun, Deussen, "ISAAC Newton: Input-based Approximate
 Curvature for Newton's Method", ICLR 2023, arXiv 2305.00604): small-batch MNIST MLP, ISAAC (zeta*,
-eq. I.6) against SGD and K-FAC, test accuracy and training loss per step and per second.
+eq. I.6) against SGD and K-FAC, test accuracy and training loss per step and per second, every method tuned with
+the same budget; and the paper's E1 (lambda_g, lambda_a) heat map (``--figure e1``).
 
-What it reproduces (ALGORITHMS.md 6.4-6.5): the setting of the paper's experiment E1 (5-layer ReLU MLP on
-MNIST, batch 60, widths 100/400/1600) and its runtime table (batch 60, GPU time per epoch: gradient 8.22 s,
-zeta* 10.24 s, K-FAC via BackPACK 1320.81 s for the 6400-wide MLP), read as the claims of the autoencoder
-experiment: "zeta* ~ K-FAC per step, much faster per second; a plain gradient step only ~10% faster than
-zeta*". The curves use lambda_g = inf (ISAAC's zeta*) and a fixed lambda_a; E1's (lambda_g, lambda_a)
-heat-map is ``--figure e1`` (below). The paper's figures are per-epoch curves for tuned learning rates; no numbers from
-them are compared here except the relative step cost.
+What it reproduces (ALGORITHMS.md 6.4-6.5): the setting of the paper's experiment E1 (5-layer ReLU MLP on MNIST,
+batch 60, widths 100/400/1600) and its runtime table (batch 60, GPU time per epoch: gradient 8.22 s, zeta*
+10.24 s, K-FAC via BackPACK 1320.81 s for the 6400-wide MLP), read as the claims "zeta* ~ K-FAC per step, much
+faster per second; a plain gradient step only ~10-25% faster than zeta*", and E1's "accuracy does not degrade as
+lambda_g -> inf" (so zeta*, which needs no G statistics, loses nothing).
 
-What agrees / differs (see the printed table of a run; the docstring cannot know the outcome):
+Protocol of the curves (:mod:`curvlab.experiments.fair`, :mod:`curvlab.experiments.fair_traces`): a stratified
+validation split (``val_fraction``) is carved from the TRAINING images; every method gets the same number of
+trials (``trials``: quick 8, full 24) of the same scrambled-Sobol sampler and seed, each trial trained ``steps``
+steps on the fitting part and scored by its validation accuracy; the best configuration is re-run on ``seeds`` seeds
+and evaluated on the test set once per seed. Spaces (log-uniform): lr [1e-3, 3] for all; ISAAC's lambda_a
+(``damping``) [1e-3, 1e3]; K-FAC's pi-damped damping [1e-4, 10]. Fixed: vanilla SGD updates (momentum 0, as the
+official MNIST example and E4) for all three; K-FAC is curvlab's amortized one (MC Fisher, EMA 0.95, inverses
+every 10 steps), a stronger and far cheaper baseline than the paper's BackPACK K-FAC recomputed every step. The
+JSON records every trial, spaces and budgets, edge flags and the damping diagnostic
+(:func:`curvlab.diagnostics.damping_metrics`) of the tuned ISAAC and K-FAC. Time to accuracy: the steps and
+optimizer seconds (evaluation excluded) at which the seed-mean test accuracy first reaches SGD's final one.
+``bench_ms_per_step`` is the mean step time over ``bench_steps`` steps timed ROUND-ROBIN across the tuned methods
+on the same batches (the fairer cost ratio on a shared machine).
 
-* ISAAC's step-time overhead over SGD is O(b^2 n + b^3) per layer (b = 60); the table reports it measured
-  in the same process (paper: +25% on a GPU for the 6400-wide MLP, ~0% on a CPU).
-* K-FAC here is curvlab's amortized K-FAC (EMA ``ema_decay=0.95``, inverses every ``inv_interval=10`` steps,
-  MC Fisher), a stronger and much cheaper baseline than the paper's BackPACK K-FAC recomputed every step,
-  so the per-second gap to K-FAC is expected to be far smaller than the paper's 130x.
-* Fairness: all three use vanilla SGD updates (momentum 0, as the official MNIST example and E4), the same
-  batches, seeds and budget, and the same lr grid, the paper's ({1, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001} in
-  ``full``, its top four in ``quick``), each grid run ``tune_steps`` long; the lr with the best final test
-  accuracy is then trained for ``steps`` steps on every seed. ISAAC's lambda_a = 10 (the official MNIST
-  example's default), K-FAC's damping 0.1 (curvlab's suggested); neither is tuned.
-* Timing: ``ms_per_step`` is the median step time of the reported run (runs one after another);
-  ``bench_ms_per_step`` the mean over ``bench_steps`` steps timed ROUND-ROBIN across the methods on the
-  same batches (K-FAC's refreshes amortized), the fairer cost ratio on a shared machine.
-* ``quick`` mode (CPU, minutes): 10k training / 2k test images, width 400, 500 steps (3 epochs) instead of
-  60k images and 40 epochs; ``full`` (GPU): full MNIST, 20k steps, 3 seeds, untested here.
+``quick`` mode (CPU): 8k fitting / 2k validation / 2k test images, width 100 (the paper's smallest), 500 steps
+(3.75 epochs) instead of 60k images and 40 epochs; ``full`` (GPU): full MNIST, width 400, 20k steps, 3 seeds, not
+run.
 
-Outcome of the quick mode (2026-11-21, 1 CPU thread on a heavily shared 2-core machine, seed 0): final test
-accuracy after 500 steps SGD 92.6% (lr 0.3), ISAAC 93.35% (lr 0.3), K-FAC 93.85% (lr 0.1); final train loss
-0.125 / 0.050 / 0.048; steps to reach SGD's final accuracy 375 / 350 / 175, seconds 26 / 31 / 29. Agrees with
-the paper: ISAAC beats SGD per step (train loss 2.5x lower at the end) at an lr on the same scale, and its
-train-loss curve per step sits between SGD and K-FAC, close to K-FAC's. Does not agree: "zeta* ~ K-FAC per
-step" only holds for the loss (K-FAC is ~2x faster to the accuracy threshold), and ISAAC is not faster per
-second than curvlab's amortized K-FAC; the round-robin step cost was SGD 1x, ISAAC 2.4x, K-FAC 6.5x (paper,
-GPU: ISAAC +25% over the gradient); curvlab's ISAAC preconditions the ordinary weight gradient after
-autograd (an extra ``d_out R n`` product per layer) instead of replacing the weight-gradient computation as
-the official autograd Function does, and the per-layer Python overhead is large at this size on one
-thread. All timings were taken under heavy machine load. The ``full`` mode has not been run.
+``--figure e1`` (the paper's E1 heat map): final test accuracy of the two-parameter zeta (eq. I.2,
+``isaac_lambda_g``; the ``inf`` column is zeta*) over a (lambda_g, lambda_a) grid, vanilla SGD updates, MC Fisher
+for ``G``. Per cell every lr of ``e1_lrs`` is trained on the fitting split and scored on the validation split; the
+test accuracy of the best one is shown (the test set is read once per cell). Grids: full the paper's [1e-6, 1e6]
+in decades at width 400 and 20k steps; quick REDUCED to lambda_g in {1e-2, 1, 100, inf} x lambda_a in
+{0.1, 1, 10, 100}, width 100, 300 steps (2.25 epochs), lrs {0.1, 0.3, 1} (about 11 CPU-seconds per cell on one
+thread; the JSON records each cell's CPU time). Writes ``isaac_e1_heatmap.png/.pdf/.json``.
 
-``--figure e1`` (the paper's E1 heat-map, Figure 2 of the draft): final test accuracy of the two-parameter zeta
-(eq. I.2, ``isaac_lambda_g``; the ``inf`` column is zeta*) over a (lambda_g, lambda_a) grid, vanilla SGD updates,
-MC Fisher for ``G``. Per cell the lr is chosen from the mode's ``e1_lrs`` by the final TRAIN loss on the eval subset
-(never the test set); the test accuracy of that choice is shown. Grids: quick 4 x 4 (width ``e1_width``, fewer
-steps than the curves), full the paper's [1e-6, 1e6] in decades; the paper's claim to check is that accuracy does
-not degrade as lambda_g -> inf. Writes ``isaac_e1_heatmap.png/.pdf/.json``.
+CLAIMS
 
 Outputs (``--out``): ``isaac_mnist_mlp.png/.pdf`` (test accuracy and train loss vs step and vs optimizer
-wall-clock), ``isaac_mnist_mlp.json`` (setup, table, lr grids, every trace) and a printed table.
+wall-clock, seed means of the test re-runs), ``isaac_mnist_mlp.json`` (setup, tuning record, table, traces,
+damping diagnostic) and the printed tables.
 """
 from __future__ import annotations
 
