@@ -3,18 +3,9 @@
 re-runs per seed, FOP's damping sweep with the damping diagnostic, and the pure helpers of fop.py."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"paper_figures_{name}", ROOT / "paper_figures" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from helpers import load_paper_script as load_script
 
 
 def check_protocol(by_batch, names, trials, seeds, second_order):
