@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from curvlab.experiments.io import atomic_write_text
 
     atomic_write_text(out / "sngm_table.txt", text + "\n")
-    files = plot(results, out, f"SNGM / MSGD / LARS, {s['epochs']} epochs at every batch, tuned per batch "
+    files = plot(results, out, f"SNGM / MSGD / LARS, {s['epochs']} epochs at every batch, tuned per batch\n"
                                f"({name}, MLP width {s['width']}, {s['trials']} trials per method)")
     numbers = {"paper": "Zhao, Xie & Li, arXiv 2007.13985 (SNGM vs MSGD and LARS at large batch)", "dataset": name,
                "mode": args.mode, "settings": s, "seeds": seeds, "val_fraction": VAL_FRACTION, "num_fit": n_fit,
