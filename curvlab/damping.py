@@ -20,9 +20,11 @@ section 10, eqs. Q.2-Q.3), for every estimator with ``solve`` and every rule.
   value (no extra pass), other rules cost one forward-mode pass along the final update.
 * ``lambda`` is the ``damping`` of every param group, updated in place (all groups by the same factor, each
   clamped), so ``param_groups``, ``state_dict()`` and schedulers see it. The curvature uses the new value from its
-  next refresh (``inv_interval``), the quadratic model at once. ``opt.damping_history`` gets one entry per
-  adaptation step (``step``, ``rho``, ``damping``, ``damping_before``, ``h_before``, ``h_after``, ``predicted``)
-  and is saved in the checkpoint.
+  next refresh (``inv_interval``; with ``damping_refresh=True`` at the next step whenever the damping moved, one
+  extra refresh per move), the quadratic model at once. With ``gamma_adapt=True`` (:mod:`curvlab.factor_damping`)
+  the curvature uses its own damping gamma and lambda is the quadratic model's only. ``opt.damping_history`` gets
+  one entry per adaptation step (``step``, ``rho``, ``damping``, ``damping_before``, ``h_before``, ``h_after``,
+  ``predicted``) and is saved in the checkpoint.
 * Guards (each an ``opt.events`` entry): a model that predicts no decrease (``M(delta) - M(0) >= 0``, e.g. a
   zero gradient) gives ``rho = nan`` and leaves lambda unchanged; a non-finite ``h(theta + delta)`` gives
   ``rho = -inf`` (lambda increases).
@@ -93,28 +95,9 @@ class LevenbergMarquardt:
 
     def predict(self, plan) -> Pending:
         """Before the update: ``M(delta) - M(0)`` of the plan's updates (Q.1) and the weight-decay term of h."""
-        opt = self.opt
-        coupled = self._coupled()
-        updates = {p: d for p, d in plan.updates}
-        l2 = 0.0
-        lin = quad = 0.0
-        given = getattr(opt.rule, "predicted_change", None)
-        for unit in opt.units:
-            ds = [updates.get(p) for p in unit.params]
-            if all(d is None for d in ds):
-                continue
-            ds = [torch.zeros_like(p) if d is None else d for p, d in zip(unit.params, ds)]
-            eta = unit.hyper("weight_decay") if coupled else 0.0
-            if eta:
-                l2 += eta * float(inner(list(unit.params), ds) + 0.5 * inner(ds, ds))
-            if given is None:
-                grads = unit.grads() or [torch.zeros_like(p) for p in unit.params]
-                lin += float(inner(grads, ds)) + (eta * float(inner(list(unit.params), ds)) if eta else 0.0)
-                quad += (unit.hyper("damping") + eta) * float(inner(ds, ds))
-        if given is None:
-            fdf = float(opt.quadratic.gram([updates])[0, 0]) if updates else 0.0
-            given = lin + 0.5 * (fdf + quad)
-        return Pending(opt.step_count, given, l2)
+        given = getattr(self.opt.rule, "predicted_change", None)       # qmodel's own value: no extra pass
+        (change, l2), = predicted_changes(self.opt, [plan], curvature=given is None)
+        return Pending(self.opt.step_count, given if given is not None else change, l2)
 
     def adapt(self, pending: Pending, closure: Callable, h_before: Any) -> None:
         """After the update: one closure call (paused), rho (Q.2) and the damping update (Q.3)."""
@@ -141,6 +124,8 @@ class LevenbergMarquardt:
         else:
             rho = (h1_total - h0) / pending.predicted
         factor = self.omega if rho > self.rho_high else 1.0 / self.omega if rho < self.rho_low else 1.0
+        if factor != 1.0 and opt.config["damping_refresh"] and opt.gamma is None:
+            opt.refresh_next = True                   # the curvature sees the new damping at the next step
         before = [g["damping"] for g in opt.param_groups]
         for group in opt.param_groups:
             value = group["damping"] * factor if factor != 1.0 else group["damping"]
@@ -151,17 +136,53 @@ class LevenbergMarquardt:
                                 if len(opt.param_groups) > 1 else {})})
 
 
+def predicted_changes(opt, plans, curvature: bool = True) -> list[tuple[float, float]]:
+    """``[(M(delta) - M(0), l2)]`` per plan (eq. Q.1 for the plan's updates ``delta``, ``c_u = lambda_u + eta_u``)
+    and the coupled weight decay's share of ``h(theta + delta) - h(theta)``, ``eta (theta^T delta + |delta|^2/2)``.
+    The curvature terms ``delta^T F delta`` of all plans come from ONE batched forward-mode pass
+    (:meth:`curvlab.quadratic.QuadraticModel.gram`); ``curvature=False`` skips it (the changes are then NaN)."""
+    coupled = opt.rule.config.get("weight_decay_style", "coupled") == "coupled"
+    maps = [{p: d for p, d in plan.updates} for plan in plans]
+    partial = []
+    for updates in maps:
+        l2 = lin = quad = 0.0
+        for unit in opt.units:
+            ds = [updates.get(p) for p in unit.params]
+            if all(d is None for d in ds):
+                continue
+            ds = [torch.zeros_like(p) if d is None else d for p, d in zip(unit.params, ds)]
+            eta = unit.hyper("weight_decay") if coupled else 0.0
+            if eta:
+                l2 += eta * float(inner(list(unit.params), ds) + 0.5 * inner(ds, ds))
+            grads = unit.grads() or [torch.zeros_like(p) for p in unit.params]
+            lin += float(inner(grads, ds)) + (eta * float(inner(list(unit.params), ds)) if eta else 0.0)
+            quad += (unit.hyper("damping") + eta) * float(inner(ds, ds))
+        partial.append((lin, quad, l2))
+    if not curvature:
+        return [(math.nan, l2) for _, _, l2 in partial]
+    moving = [i for i, updates in enumerate(maps) if updates]
+    fdf = opt.quadratic.gram([maps[i] for i in moving]).diagonal().tolist() if moving else []
+    curv = dict(zip(moving, fdf))
+    return [(lin + 0.5 * (curv.get(i, 0.0) + quad), l2) for i, (lin, quad, l2) in enumerate(partial)]
+
+
 def attach_adaptive(optimizer) -> None:
-    """Give ``optimizer`` its ``lm`` (:class:`LevenbergMarquardt` or None), ``damping_history`` and ``quadratic``
-    (a :class:`curvlab.quadratic.QuadraticModel` when the rule declares ``quadratic_model = True`` or the damping
-    adapts; recording on every step for the rule, on adaptation steps only for the damping; cleared after every
+    """Give ``optimizer`` its ``lm`` (:class:`LevenbergMarquardt` or None), ``gamma``
+    (:class:`curvlab.factor_damping.FactorDamping` or None), ``damping_history``, ``gamma_history`` and ``quadratic``
+    (a :class:`curvlab.quadratic.QuadraticModel` when the rule declares ``quadratic_model = True`` or a damping
+    adapts; recording on every step for the rule, on adaptation steps only for the dampings; cleared after every
     ``step()`` by a step post-hook)."""
-    optimizer.damping_history = []
+    from .factor_damping import FactorDamping
+
+    optimizer.damping_history, optimizer.gamma_history = [], []
     optimizer.lm = lm = LevenbergMarquardt(optimizer) if optimizer.config["damping_adapt"] else None
+    optimizer.gamma = gamma = FactorDamping(optimizer) if optimizer.config["gamma_adapt"] else None
     wants = bool(getattr(optimizer.rule, "quadratic_model", False))
     optimizer.quadratic = None
-    if wants or lm is not None:
+    if wants or lm is not None or gamma is not None:
+        t = lambda: optimizer.step_count  # noqa: E731
         optimizer.quadratic = QuadraticModel(
             optimizer.model, optimizer.config["loss"], [p for u in optimizer.units for p in u.params],
-            dist=optimizer.dist, active=lambda: wants or lm.due(optimizer.step_count))
+            dist=optimizer.dist,
+            active=lambda: wants or (lm is not None and lm.due(t())) or (gamma is not None and gamma.due(t())))
         optimizer.register_step_post_hook(lambda opt, args, kwargs: opt.quadratic.clear())

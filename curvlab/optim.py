@@ -9,7 +9,9 @@ One step (``opt.step()`` after the user's ``loss.backward()``), at step counter 
    are recomputed with the current per-group ``damping`` (times the parameterization's multiplier);
 4. the rule returns a plan of updates, which is checked for NaN/Inf before anything is written;
 5. with ``damping_adapt="lm"``, every ``damping_interval`` steps the closure of ``step(closure)`` is called once more
-   after the update (paused) and every group's damping is adapted from the reduction ratio (:mod:`curvlab.damping`).
+   after the update (paused) and every group's damping is adapted from the reduction ratio (:mod:`curvlab.damping`);
+   with ``gamma_adapt=True`` the curvature uses its own damping gamma, chosen every ``gamma_interval`` steps in
+   step 4 among three candidates by the quadratic model (:mod:`curvlab.factor_damping`).
 
 Skipped steps do not advance ``t``, and neither does a ``step()`` without any gradient; ``max_skipped_steps``
 skips in a row, or a NaN/Inf loss from ``step(closure)``, raise :class:`curvlab.Diverged` (:mod:`curvlab.divergence`).
@@ -80,6 +82,8 @@ class CurvlabOptimizer(torch.optim.Optimizer):
         self.skipped_steps = 0
         self._streak = SkipStreak(self)                   # skips in a row -> curvlab.Diverged (curvlab.divergence)
         self._t = 0
+        #: refresh every layer at the next step (set by the LM damping with ``damping_refresh``)
+        self.refresh_next = False
         #: per-section step timing (:mod:`curvlab.profiling`); ``None`` = off
         self.sections: Sections | None = None
         self.units = self._build_units(model, strict)
@@ -113,7 +117,7 @@ class CurvlabOptimizer(torch.optim.Optimizer):
         ) if needs & {"inputs", "fisher_grads", "real_grads"} else None
         if self.capture is not None and needs & {"fisher_grads", "real_grads"}:
             self.capture.check_loss = True            # the loss check of the first statistics step
-        attach_adaptive(self)      # .quadratic (rule="qmodel", curvlab.quadratic), .lm, .damping_history (damping)
+        attach_adaptive(self)      # .quadratic (curvlab.quadratic), .lm, .gamma, .damping_history, .gamma_history
         self.rule.bind(self)
 
     # -- construction ----------------------------------------------------------------------------------
@@ -250,7 +254,7 @@ class CurvlabOptimizer(torch.optim.Optimizer):
         """Recompute inverses / roots (all layers, or only those not ready when ``force=False``)."""
         todo = [u for u in self.units if u.preconditioned and (force or not u.curvature.ready)]
         for unit in self.dist.owned(todo):                 # all of them unless data_parallel_refresh="distributed"
-            unit.curvature.refresh(unit.hyper("damping"))
+            unit.curvature.refresh(unit.solve_damping())
         self.dist.share(todo)
 
     @torch.no_grad()
@@ -280,10 +284,14 @@ class CurvlabOptimizer(torch.optim.Optimizer):
             if stat_step and not self._accumulate(stats):
                 return loss
         with section(self.sections, "refresh"):
-            self.refresh(force=self._t % self.config["inv_interval"] == 0)
+            due, self.refresh_next = self.refresh_next, False      # damping_refresh (curvlab.damping)
+            self.refresh(force=due or self._t % self.config["inv_interval"] == 0)
         first_order_where_uncaptured(self, grads, stats, stat_step)
         with section(self.sections, "rule"), activated(self.sections):   # solves inside: "precondition"
-            plan = self.rule.plan(self.units, self.state, stats)
+            if self.gamma is not None and self.gamma.due(self._t):       # curvlab.factor_damping
+                plan = self.gamma.choose(stats)
+            else:
+                plan = self.rule.plan(self.units, self.state, stats)
             if not _finite(plan.tensors()):
                 bad = nonfinite_units(self.units, plan)
                 self._skip(f"the update rule produced non-finite updates in {bad}", bad)
@@ -341,6 +349,8 @@ class CurvlabOptimizer(torch.optim.Optimizer):
             "curvature": {u.name: u.curvature.state_dict() for u in self.units if u.preconditioned},
             "capture": self.capture.state_dict() if self.capture else {},
             "damping_history": list(self.damping_history),
+            "gamma_history": list(self.gamma_history),
+            "refresh_next": self.refresh_next,
         }
         return sd
 
@@ -365,6 +375,8 @@ class CurvlabOptimizer(torch.optim.Optimizer):
         self._bind_groups()
         self._t, self.skipped_steps = extra["step"], extra["skipped_steps"]
         self.damping_history[:] = extra.get("damping_history", [])
+        self.gamma_history[:] = extra.get("gamma_history", [])
+        self.refresh_next = bool(extra.get("refresh_next", False))
         for unit in self.units:
             if unit.preconditioned:
                 unit.curvature.load_state_dict(extra["curvature"][unit.name])
