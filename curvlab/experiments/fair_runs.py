@@ -79,7 +79,7 @@ def runner_trial(base: Mapping[str, Any], *, val_fraction: float, val_seed: int 
         if result.summary["diverged"]:
             out[f"{phase}_accuracy"] = None
         if damping:
-            logs = [entry for r in rows for entry in r.get("damping", [])]
+            logs = [entry for r in rows for entry in r.get("damping_report", [])]
             layers = logs[-1]["layers"] if logs else {}
             ratios = [v["ratio_mean"] for v in layers.values() if v.get("ratio_mean") is not None]
             out["damping"] = layers
