@@ -2,10 +2,8 @@
 paper_figures/mbf.py and paper_figures/isaac.py end to end."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,16 +13,8 @@ from curvlab.experiments import traces
 from curvlab.experiments.traces import (Trace, batch_stream, format_table, interleaved_step_times, time_to_threshold,
                                         train_traced)
 from curvlab.linalg import FactorizationError
-from helpers import assert_close
+from helpers import assert_close, load_paper_script as load_script
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"paper_figures_{name}", ROOT / "paper_figures" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_time_to_threshold():
