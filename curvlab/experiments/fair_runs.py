@@ -15,7 +15,7 @@ The batch-size figures (``paper_figures/fop.py``, ``paper_figures/sngm.py``) tra
   damping diagnostic (:func:`curvlab.diagnostics.damping_metrics`) after the last step, plus its summary
   ``damping_ratio_mean`` (the largest ``damping / mean eigenvalue`` over the damped factors).
 
-:func:`edge_params` flags tuned values that sit on the edge of their search range (the optimum may lie outside).
+:func:`edge_params` (from :mod:`curvlab.experiments.fair`) flags tuned values that sit on the edge of their search range (the optimum may lie outside).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ..tuning import parse_space
+from .fair import edge_params  # re-exported: the paper scripts import it from here
 
 __all__ = ["runner_trial", "edge_params", "num_fit"]
 
@@ -87,17 +87,3 @@ def runner_trial(base: Mapping[str, Any], *, val_fraction: float, val_seed: int 
         return out
 
     return run
-
-
-def edge_params(params: Mapping[str, Any], space: Mapping[str, Any], tol: float = 0.1) -> list[str]:
-    """The names of ``params`` within ``tol`` of their range's width (in log space for a log range) from an
-    edge of ``space``: the best there may lie outside the range."""
-    flagged = []
-    for name, p in parse_space(space).items():
-        if p.choices is not None or name not in params:
-            continue
-        f = math.log if p.log else float
-        lo, hi, v = f(p.low), f(p.high), f(params[name])
-        if hi > lo and min(v - lo, hi - v) <= tol * (hi - lo):
-            flagged.append(name)
-    return flagged

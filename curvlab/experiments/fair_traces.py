@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from .fair import Method
+from .fair import Method, edge_params
 from .traces import Trace, build_optimizer, format_table, numbers, train_traced
 
 __all__ = ["TracedRuns", "results_of", "tuned_methods", "edge_hits", "damping_summary", "publish_fair"]
@@ -111,16 +111,13 @@ def edge_hits(record: Mapping[str, Any], fraction: float = EDGE_FRACTION) -> dic
     left out."""
     hits: dict[str, list[str]] = {}
     for name, rec in record["methods"].items():
-        for key, value in rec["best"]["params"].items():
-            spec = rec["space"].get(key, {})
-            if "low" not in spec or not isinstance(value, (int, float)):
-                continue
-            f = (lambda v: math.log(v)) if spec.get("log") else (lambda v: v)
-            lo, hi = f(spec["low"]), f(spec["high"])
-            pos = (f(value) - lo) / (hi - lo) if hi > lo else 0.5
-            if pos <= fraction or pos >= 1.0 - fraction:
-                hits.setdefault(name, []).append(f"{key}={value:.3g} at the {'low' if pos <= 0.5 else 'high'} edge "
-                                                 f"of [{spec['low']:g}, {spec['high']:g}]")
+        params, space = rec["best"]["params"], rec["space"]
+        for key in edge_params(params, space, tol=fraction):
+            spec, value = space[key], params[key]
+            f = math.log if spec.get("log") else float
+            low_side = f(value) - f(spec["low"]) <= f(spec["high"]) - f(value)
+            hits.setdefault(name, []).append(f"{key}={value:.3g} at the {'low' if low_side else 'high'} edge "
+                                             f"of [{spec['low']:g}, {spec['high']:g}]")
     return hits
 
 
