@@ -149,11 +149,11 @@ class LevenbergMarquardt:
         """``damping_rho="next"``, at the start of the step after an adaptation step, once its closure returned
         ``h_after = h_B'(theta + delta)``: ``h_B'(theta)`` from one closure call at the saved ``theta`` (paused,
         parameters and ``.grad`` restored bit for bit, the step's records kept), rho and the damping update."""
-        pending, self.pending = self.pending, None
-        if pending is None:
+        if self.pending is None:
             return
         if h_after is None:
             raise ValueError("damping_adapt: the closure passed to step() must return the loss")
+        pending, self.pending = self.pending, None
         opt = self.opt
         params = opt.flat_params()
         moved = [(params[i], theta) for i, theta in pending.theta.items()]
