@@ -215,7 +215,7 @@ class LevenbergMarquardt:
                                        "theta": {i: t.clone() for i, t in p.theta.items()}}
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
-        self.pending = None if state is None else Pending(
+        self.pending = None if state is None or not self.held_out else Pending(      # "same" has no use for it
             state["step"], state["predicted"], state["l2"],
             {int(i): t.detach().clone().to(self.opt.flat_params()[int(i)]) for i, t in state["theta"].items()})
 
