@@ -33,7 +33,8 @@ first ``num_eval`` examples) is recorded; the smoothed loss ``S`` is the trailin
 ``--rule qmodel`` (lr 1.0, the rule's default; momentum is the rule's own) runs the same protocol with the rule the
 LM adaptation was designed for (Martens & Grosse 2015 sec. 6.5-7). ``--mechanism`` adds to the adaptive runs
 (only): ``lm+gamma`` the curvature's own damping gamma (``gamma_adapt``, sec. 6.6), ``lm+refresh``
-(``damping_refresh``), or both; ``--kl-clip default|<number>`` gives EVERY run (fixed ones too) a trust region
+(``damping_refresh``), or both; ``--rho next`` gives the adaptive runs ``damping_rho="next"`` (rho's actual
+change measured on the next step's batch, a held-out ratio; :mod:`curvlab.damping`); ``--kl-clip default|<number>`` gives EVERY run (fixed ones too) a trust region
 (default: the estimators' suggested ``kl_clip``, None). ``--mode small`` (MNIST 4096, width 64, 300 steps) is a
 screen of ~5 min; ``--reuse-fixed old/damping.json`` takes the fixed runs from an earlier output of the same
 settings. The paper's full method, which reaches L* in 5 of 6 cases of the small screen::
@@ -112,7 +113,7 @@ def hyper_for(estimator: str, rule: str, kl_clip: str = "suggested") -> dict[str
 
 
 def train(estimator: str, rule: str, damping: float, adaptive: bool, data: dict[str, Any], cfg: dict[str, Any],
-          steps: int, seed: int, mechanism: str = "lm") -> dict[str, Any]:
+          steps: int, seed: int, mechanism: str = "lm", rho: str = "same") -> dict[str, Any]:
     """One run in the closure loop; returns its evaluated curve and (adaptive) damping history."""
     x, y, x_eval, y_eval = data["x"], data["y"], data["x_eval"], data["y_eval"]
     torch.manual_seed(seed)
@@ -120,6 +121,7 @@ def train(estimator: str, rule: str, damping: float, adaptive: bool, data: dict[
     hyper = hyper_for(estimator, rule, cfg.get("kl_clip", "suggested"))
     opt = curvlab.optimizer(model, estimator, rule, seed=seed, damping=damping,
                             damping_adapt="lm" if adaptive else None, **(MECHANISMS[mechanism] if adaptive else {}),
+                            **({"damping_rho": rho} if adaptive else {}),
                             **hyper)
 
     def evaluate() -> float:
@@ -308,6 +310,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "or a number")
     p.add_argument("--mechanism", default="lm", choices=tuple(MECHANISMS),
                    help="what the adaptive runs add to damping_adapt='lm' (lm+gamma: Martens & Grosse's gamma rule)")
+    p.add_argument("--rho", default="same", choices=("same", "next"),
+                   help="the adaptive runs' damping_rho: rho's actual loss change on the step's own batch ('same') or "
+                        "on the next step's batch ('next', a held-out ratio)")
     args = p.parse_args(argv)
     cfg = dict(PRESETS[args.mode])
     if args.estimators:
@@ -328,7 +333,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"[{args.mode}] {name}: {len(x)} training examples (eval subset {len(data['x_eval'])}), MLP "
           f"{x.shape[1]}-{cfg['width']}-{cfg['width']}-{split.num_classes} ReLU, batch {cfg['batch']}, rule "
           f"{args.rule}; fixed grid {cfg['grid']} for {cfg['steps']} steps, LM from {cfg['starts']} for "
-          f"{adaptive_steps} steps (interval {interval}, omega {omega:.4f}, mechanism {args.mechanism})")
+          f"{adaptive_steps} steps (interval {interval}, omega {omega:.4f}, mechanism {args.mechanism}, rho {args.rho})")
     results, summaries = {}, {}
     reused = reusable_fixed(args.reuse_fixed, cfg, args, name) if args.reuse_fixed else {}
     for est in cfg["estimators"]:
@@ -340,7 +345,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   + (f"  [{fixed[-1]['error']}]" if fixed[-1]["diverged"] else ""), flush=True)
         adaptive = []
         for d in cfg["starts"]:
-            adaptive.append(train(est, args.rule, d, True, data, cfg, adaptive_steps, args.seed, args.mechanism))
+            adaptive.append(train(est, args.rule, d, True, data, cfg, adaptive_steps, args.seed, args.mechanism,
+                                  args.rho))
             print(f"  {est} LM from {d:g}: final smoothed loss {final_smoothed(adaptive[-1]):.4g}, damping "
                   f"{adaptive[-1]['final_damping']:.3g}" + (f"  [{adaptive[-1]['error']}]" if adaptive[-1]["diverged"]
                                                            else ""), flush=True)
@@ -361,10 +367,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(format_table(grid_rows, ["estimator", "L*"] + [f"{d:g}" for d in cfg["grid"]]))
     out = Path(args.out)
     plot(results, summaries, cfg, out, f"{name}, MLP width {cfg['width']}, batch {cfg['batch']}: fixed damping "
-                                       f"({cfg['steps']} steps) vs adaptive {args.mechanism} ({adaptive_steps} steps), "
+                                       f"({cfg['steps']} steps) vs adaptive {args.mechanism}, rho {args.rho} ({adaptive_steps} steps), "
                                        f"rule {args.rule}")
     numbers = {"mode": args.mode, "dataset": name,
-               "config": {**cfg, "rule": args.rule, "mechanism": args.mechanism,
+               "config": {**cfg, "rule": args.rule, "mechanism": args.mechanism, "rho": args.rho,
                           "mechanism_hyper": MECHANISMS[args.mechanism],
                           "seed": args.seed, "budget_factor": BUDGET_FACTOR,
                           "adaptive_steps": adaptive_steps, "claim_ratio": CLAIM_RATIO, "smooth_window": SMOOTH,

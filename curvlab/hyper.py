@@ -21,7 +21,7 @@ Non-finite steps: ``nonfinite`` (``"skip"``/``"raise"``) and ``max_skipped_steps
 
 Adaptive damping (:mod:`curvlab.damping`, Martens & Grosse 2015 sec. 6.5): ``damping_adapt`` (None/``"lm"``),
 ``damping_interval`` (T1), ``damping_omega``, ``damping_min``/``damping_max``, ``damping_thresholds``,
-``damping_refresh``; the
+``damping_refresh``, ``damping_rho`` (``"same"``/``"next"``); the
 curvature's own damping gamma (:mod:`curvlab.factor_damping`, sec. 6.6): ``gamma_adapt``, ``gamma_interval`` (T2),
 ``gamma_omega``.
 
@@ -209,6 +209,9 @@ COMMON: dict[str, Option] = {
     "damping_refresh": Option(False, boolean, "True = refresh the curvature on the step after an LM adaptation that "
                               "moved the damping (default: at its next inv_interval refresh; no effect with "
                               "gamma_adapt, where the curvature uses gamma)"),
+    "damping_rho": Option("same", one_of("same", "next"), "which batch measures rho's actual loss change: 'same' = "
+                          "the step's own batch; 'next' = the next step's batch, at the parameters before and after "
+                          "the update (a held-out ratio; needs the closure on the step after each adaptation step)"),
     # the curvature's own damping gamma (Martens & Grosse 2015 sec. 6.6; curvlab.factor_damping)
     "gamma_adapt": Option(False, boolean, "True = the curvature's solve uses a separate damping gamma per group "
                           "(initially its damping), chosen greedily every gamma_interval steps among gamma * "

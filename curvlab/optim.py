@@ -9,7 +9,8 @@ One step (``opt.step()`` after the user's ``loss.backward()``), at step counter 
    are recomputed with the current per-group ``damping`` (times the parameterization's multiplier);
 4. the rule returns a plan of updates, which is checked for NaN/Inf before anything is written;
 5. with ``damping_adapt="lm"``, every ``damping_interval`` steps the closure of ``step(closure)`` is called once more
-   after the update (paused) and every group's damping is adapted from the reduction ratio (:mod:`curvlab.damping`);
+   after the update (paused) and every group's damping is adapted from the reduction ratio (:mod:`curvlab.damping`;
+   with ``damping_rho="next"`` that call comes at the start of the next step, at the old parameters, on its batch);
    with ``gamma_adapt=True`` the curvature uses its own damping gamma, chosen every ``gamma_interval`` steps in
    step 4 among three candidates by the quadratic model (:mod:`curvlab.factor_damping`).
 
@@ -203,6 +204,8 @@ class CurvlabOptimizer(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """``torch.optim.Optimizer.zero_grad``; also forgets what the discarded training passes recorded."""
         super().zero_grad(set_to_none=set_to_none)
+        if getattr(self, "_keep_records", False):          # curvlab.damping's extra call (damping_rho="next")
+            return
         if getattr(self, "capture", None) is not None:
             self.capture.discard()
         if getattr(self, "quadratic", None) is not None:
@@ -266,6 +269,8 @@ class CurvlabOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
             check_closure_loss(self, loss)                  # NaN/Inf loss: curvlab.Diverged
+            if self.lm is not None and self.lm.pending is not None:
+                self.lm.resolve(closure, loss)              # damping_rho="next": rho of the last adaptation step
         self._check_model_unchanged()
         check_groups(self)
         self.dist.reduce_gradients(self.units)              # raw model + process group only
@@ -306,10 +311,14 @@ class CurvlabOptimizer(torch.optim.Optimizer):
         self._t += 1
         self._streak.reset()
         if pending is not None:
-            self.lm.adapt(pending, closure, loss)
+            self.lm.after_update(pending, closure, loss)
         return loss
 
     # -- inspection ------------------------------------------------------------------------------------
+    def flat_params(self) -> list[torch.Tensor]:
+        """Every optimized parameter, unit by unit (the index the checkpoint's per-parameter records use)."""
+        return [p for u in self.units for p in u.params]
+
     @property
     def step_count(self) -> int:
         return self._t
@@ -351,6 +360,7 @@ class CurvlabOptimizer(torch.optim.Optimizer):
             "damping_history": list(self.damping_history),
             "gamma_history": list(self.gamma_history),
             "refresh_next": self.refresh_next,
+            **({"damping_pending": self.lm.state_dict()} if self.lm is not None and self.lm.held_out else {}),
         }
         return sd
 
@@ -377,6 +387,8 @@ class CurvlabOptimizer(torch.optim.Optimizer):
         self.damping_history[:] = extra.get("damping_history", [])
         self.gamma_history[:] = extra.get("gamma_history", [])
         self.refresh_next = bool(extra.get("refresh_next", False))
+        if self.lm is not None:
+            self.lm.load_state_dict(extra.get("damping_pending"))
         for unit in self.units:
             if unit.preconditioned:
                 unit.curvature.load_state_dict(extra["curvature"][unit.name])
