@@ -14,6 +14,8 @@ __all__ = ["WORKER", "BEAT", "host_pid", "is_stale", "recover_stale", "Heartbeat
 
 #: user attributes of a trial: the owning worker (host:pid) and its last heartbeat (epoch seconds)
 WORKER, BEAT = "curvlab_worker", "curvlab_heartbeat"
+#: a RUNNING trial that never recorded its owner is dead after this long (a live worker records it right after ask)
+UNOWNED_GRACE_S = 10.0
 
 
 def host_pid() -> str:
@@ -33,6 +35,10 @@ def is_stale(frozen: Any, grace_s: float) -> bool:
             return True
         except PermissionError:
             pass
+    if not owner:
+        # killed between ``study.ask()`` and recording its owner (a window of milliseconds for a live worker)
+        started = frozen.datetime_start.timestamp() if frozen.datetime_start else time.time()
+        return time.time() - started > min(grace_s, UNOWNED_GRACE_S)
     beat = frozen.user_attrs.get(BEAT)
     started = frozen.datetime_start.timestamp() if frozen.datetime_start else time.time()
     return time.time() - float(beat if beat is not None else started) > grace_s
@@ -54,7 +60,8 @@ def recover_stale(study: Any, grace_s: float) -> int:
         except optuna.exceptions.UpdateFinishedTrialError:  # its worker finished it meanwhile after all
             closed = False
         if closed:
-            study.enqueue_trial(dict(frozen.params), user_attrs={"retry_of": frozen.number})
+            if frozen.params:  # killed before its parameters were drawn: nothing to re-run
+                study.enqueue_trial(dict(frozen.params), user_attrs={"retry_of": frozen.number})
             count += 1
     return count
 
