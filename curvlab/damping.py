@@ -95,7 +95,7 @@ class LevenbergMarquardt:
         """Before the update: ``M(delta) - M(0)`` of the plan's updates (Q.1) and the weight-decay term of h."""
         opt = self.opt
         coupled = self._coupled()
-        updates = {p: d for p, d in plan.updates}
+        updates = dict(plan.deltas())
         l2 = 0.0
         lin = quad = 0.0
         given = getattr(opt.rule, "predicted_change", None)

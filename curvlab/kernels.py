@@ -56,7 +56,11 @@ def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
     if not tensors:
         return True
     device = tensors[0].device
-    sums = torch.stack([t.sum().to(device, torch.float64) for t in tensors])
-    if bool(torch.isfinite(sums).all()):
+    sums = [t.sum() for t in tensors]
+    if all(s.dtype == sums[0].dtype and s.device == device for s in sums):
+        stacked = torch.stack(sums)                # the common case: no per-tensor conversion kernels
+    else:
+        stacked = torch.stack([s.to(device, torch.float64) for s in sums])
+    if bool(torch.isfinite(stacked).all()):
         return True
     return bool(torch.stack([torch.isfinite(t).all().to(device) for t in tensors]).all())

@@ -1,0 +1,108 @@
+"""The step's fast paths (foreach momentum plan, scaled updates, global norm) against per-tensor references
+written from the rules' definitions, in float64 (README "Performance")."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import curvlab
+from curvlab.rules import Plan
+from curvlab.units import global_norm, inner
+
+from helpers import assert_close
+
+pytestmark = pytest.mark.usefixtures("float64")
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 5), nn.Tanh(), nn.Linear(5, 3))
+
+
+def batch(k):
+    g = torch.Generator().manual_seed(k)
+    return torch.randn(12, 6, generator=g), torch.randint(0, 3, (12,), generator=g)
+
+
+def reference_run(model, rule, groups, wd_style, steps):
+    """theta, m by the definitions: natural m <- mu m + d; sngm m <- mu m + d/||d||; theta -= lr m (+ decoupled)."""
+    bufs: dict[int, torch.Tensor] = {}
+    for k in range(steps):
+        x, y = batch(k)
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        with torch.no_grad():
+            entries = []
+            for g in groups:
+                for p in g["params"]:
+                    d = p.grad.clone()
+                    if g["wd"] and wd_style == "coupled":
+                        d = d + g["wd"] * p
+                    entries.append((g, p, d))
+            scale = 1.0
+            if rule == "sngm":
+                scale = 1.0 / float(torch.sqrt(sum((d * d).sum() for _, _, d in entries)))
+            for g, p, d in entries:
+                m = scale * d
+                if g["mu"] or rule == "sngm":
+                    m = m if id(p) not in bufs else g["mu"] * bufs[id(p)] + m
+                    bufs[id(p)] = m
+                p -= g["lr"] * m
+                if g["wd"] and wd_style == "decoupled":
+                    p -= g["lr"] * g["wd"] * (p + g["lr"] * m)          # decay of the pre-step theta
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("rule", ["natural", "sngm"])
+@pytest.mark.parametrize("wd_style", ["coupled", "decoupled"])
+@pytest.mark.parametrize("mus", [(0.9, 0.9), (0.0, 0.5)])
+def test_identity_step_matches_the_definition(rule, wd_style, mus):
+    """Per-group lr / momentum / weight decay (two groups, one with momentum 0) over 4 steps, to 1e-12."""
+    model = mlp()
+    ref_model = mlp()
+    first = list(model[0].parameters())
+    rest = [p for m in (model[2], model[4]) for p in m.parameters()]
+    key = "sngm_weight_decay" if rule == "sngm" else "weight_decay_style"
+    opt = curvlab.optimizer(model, "identity", rule, lr=0.05, momentum=mus[0], weight_decay=1e-2, **{key: wd_style})
+    # a second parameter group with other hyper-parameters: rebuild the groups by hand
+    opt.param_groups[0]["params"] = first
+    opt.add_param_group({"params": rest, "lr": 0.02, "momentum": mus[1], "weight_decay": 0.0})
+    opt._bind_groups()
+    ref_first = list(ref_model[0].parameters())
+    ref_rest = [p for m in (ref_model[2], ref_model[4]) for p in m.parameters()]
+    groups = [{"params": ref_first, "lr": 0.05, "mu": mus[0], "wd": 1e-2},
+              {"params": ref_rest, "lr": 0.02, "mu": mus[1], "wd": 0.0}]
+    for k in range(4):
+        x, y = batch(k)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    want = reference_run(ref_model, rule, groups, wd_style, 4)
+    for p, q in zip(model.parameters(), want):
+        assert_close(p, q, rtol=1e-12, atol=1e-14, what=f"{rule} {wd_style} {mus}")
+
+
+def test_global_norm_is_the_weighted_euclidean_norm():
+    g = torch.Generator().manual_seed(3)
+    a = [torch.randn(4, 3, generator=g), torch.randn(3, generator=g)]
+    b = [torch.randn(7, generator=g)]
+    want = torch.sqrt(0.25 * inner(a, a) + 9.0 * inner(b, b))
+    assert_close(global_norm([(0.5, a), (-3.0, b)]), want, rtol=1e-14, atol=0, what="weighted norm")
+    assert_close(global_norm([(1.0, a), (1.0, b)]), torch.sqrt(inner(a, a) + inner(b, b)), rtol=1e-14, atol=0,
+                 what="plain norm")
+
+
+def test_plan_scaled_updates_apply_and_materialize():
+    p, q = torch.ones(3), torch.zeros(2)
+    t, u = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([4.0, 5.0])
+    plan = Plan(scaled=[(p, t, -0.5), (q, u, 2.0)])
+    deltas = dict((id(k), v) for k, v in plan.deltas())
+    assert_close(deltas[id(p)], -0.5 * t, rtol=0, atol=0, what="materialized delta")
+    assert [x is t or x is u for x in plan.tensors()] == [True, True]
+    state: dict = {}
+    plan.apply(state)
+    assert_close(p, 1.0 - 0.5 * t, rtol=0, atol=0, what="p")
+    assert_close(q, 2.0 * u, rtol=0, atol=0, what="q")
+    assert torch.equal(t, torch.tensor([1.0, 2.0, 3.0])), "the scaled tensor must not be modified"
