@@ -106,3 +106,53 @@ def test_plan_scaled_updates_apply_and_materialize():
     assert_close(p, 1.0 - 0.5 * t, rtol=0, atol=0, what="p")
     assert_close(q, 2.0 * u, rtol=0, atol=0, what="q")
     assert torch.equal(t, torch.tensor([1.0, 2.0, 3.0])), "the scaled tensor must not be modified"
+
+
+@pytest.mark.parametrize("rows", [5, 300])
+def test_homogeneous_gram_is_the_gram_of_the_padded_rows(rows):
+    """A = [x 1]^T [x 1] blockwise (no copy) equals the reference on the padded matrix, below and above the
+    paneled gram's width threshold."""
+    from curvlab.kernels import homogeneous_gram
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(37, rows, generator=g)
+    padded = torch.cat([x, torch.ones(37, 1)], dim=1)
+    assert_close(homogeneous_gram(x, 0.3), 0.3 * padded.T @ padded, rtol=1e-13, atol=1e-13, what="A")
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+def test_kfac_factors_without_the_homogeneous_copy(approx):
+    """kron_factors through the raw rows equals the factors from the homogeneous rows (Linear on sequences)."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    opt = curvlab.optimizer(model, "kfac", fisher="empirical", kfac_approx=approx)
+    x, y = torch.randn(4, 7, 6), torch.randint(0, 3, (4, 7))
+    F.cross_entropy(model(x).reshape(-1, 3), y.reshape(-1)).backward()
+    stats = opt._collect_stats()
+    for s in stats.values():
+        assert s._raw_inputs is not None
+        a_fast, g_fast = s.kron_factors("real", approx)
+        s.__dict__.pop("_raw_inputs")
+        s.input_rows()                                    # homogeneous rows formed: the reference path
+        assert s._raw_inputs is None
+        a_ref, g_ref = s.kron_factors("real", approx)
+        assert_close(a_fast, a_ref, rtol=1e-13, atol=1e-14, what=f"A {s.name}")
+        assert_close(g_fast, g_ref, rtol=0, atol=0, what=f"G {s.name}")
+
+
+def test_kfac_ema_in_place_matches_the_formula_and_spares_the_callers_tensors():
+    from curvlab.estimators.kfac import KroneckerCurvature
+    torch.manual_seed(2)
+    model = nn.Linear(3, 2)
+    opt = curvlab.optimizer(model, "kfac")
+    curv = opt.units[0].curvature
+    assert isinstance(curv, KroneckerCurvature)
+    news = [{"A": torch.randn(4, 4), "G": torch.randn(2, 2)} for _ in range(4)]
+    copies = [{k: v.clone() for k, v in n.items()} for n in news]
+    want = None
+    for new in news:
+        curv.accumulate(new, 0.9)
+        want = {k: v.clone() for k, v in new.items()} if want is None else \
+            {k: 0.9 * want[k] + 0.1 * new[k] for k in new}
+    for k in ("A", "G"):
+        assert_close(getattr(curv, k), want[k], rtol=1e-13, atol=1e-14, what=k)
+    assert all(torch.equal(n[k], c[k]) for n, c in zip(news, copies) for k in n), "statistics were modified"

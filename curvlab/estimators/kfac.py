@@ -36,6 +36,7 @@ ALGORITHMS.md 7.2 hold); ASDL's "bias with G only" is not implemented.
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any
 
 import torch
@@ -67,6 +68,7 @@ class KroneckerCurvature(Curvature):
         super().__init__(*args, **kwargs)
         self.A: torch.Tensor | None = None
         self.G: torch.Tensor | None = None
+        self._owned: dict[str, Any] = {}           # weak references to the factors this object made (EMA in place)
         self.inverses: dict[str, torch.Tensor] = {}
         #: damping style of this layer (``config["damping_style"]`` unless a parameterization changes it)
         self.damping_style: str = self.config["damping_style"]
@@ -85,8 +87,18 @@ class KroneckerCurvature(Curvature):
         return {"A": a, "G": g}
 
     def accumulate(self, new: dict[str, torch.Tensor], ema_decay: float) -> None:
-        self.A = self.ema(self.A, new["A"], ema_decay)
-        self.G = self.ema(self.G, new["G"], ema_decay)
+        """EMA (eq. K.4). Factors this curvature made itself (the result of an earlier EMA) are updated in place,
+        with the arithmetic of :meth:`ema` and no new ``d x d`` tensor per factor and step; a factor that is the
+        caller's statistics tensor is never modified (the first EMA from it is out of place)."""
+        for key in ("A", "G"):
+            old = getattr(self, key)
+            mine = self._owned.get(key)
+            if old is not None and ema_decay != 0.0 and mine is not None and mine() is old:
+                value = old.mul_(ema_decay).add_(new[key], alpha=1.0 - ema_decay)
+            else:
+                value = self.ema(old, new[key], ema_decay)
+            setattr(self, key, value)
+            self._owned[key] = weakref.ref(value) if value is not new[key] else None
 
     def refresh(self, damping: float) -> None:
         if self.A is None or self.G is None:
@@ -156,6 +168,7 @@ class KroneckerCurvature(Curvature):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.A, self.G = state["A"], state["G"]
+        self._owned = {}                                      # loaded tensors belong to the caller
         self.inverses = dict(state["inverses"])
         self.damped = state.get("damped")
 
