@@ -32,8 +32,12 @@ Storage modes (``miniblock_mode``, per layer; 3.2 (a)-(c)):
   ``ema_decay > 0`` needs ``miniblock_window >= 2`` (with one batch kept the EMA would be silently dropped: refused
   at construction, and ``"auto"`` then never picks Woodbury);
 * ``"chunked"``: the direct mode with every block split into contiguous chunks of ``<= miniblock_chunk``;
-* ``"auto"`` (default): direct if it fits ``miniblock_memory_mb``, else Woodbury if it applies and fits,
-  else chunked (the chunk halved until it fits). Decided at the first statistics step and logged.
+* ``"auto"`` (default): direct if it fits ``miniblock_memory_mb``, else Woodbury if it applies and fits (both
+  keep the paper's per-row blocks), else chunked, the chunk halved from ``miniblock_chunk`` until it fits the memory
+  budget AND its statistics cost at most ``miniblock_cost`` (default 1) times the layer's forward+backward work per
+  step, i.e. ``chunk <= 6 miniblock_cost stat_interval`` (:func:`auto_chunk`; the per-row blocks of a 784-wide
+  layer at batch 1024 cost ~130 times that work per statistics step, so at ``stat_interval=10`` the chunks are
+  32 wide). Decided at the first statistics step and logged.
 """
 from __future__ import annotations
 
@@ -119,6 +123,20 @@ def build_layout(weight_shape: torch.Size, shape: tuple[int, int], size: int | s
     return groups
 
 
+def auto_chunk(start: int, state_bytes: Any, budget: float, cost: float, stat_interval: int) -> int:
+    """The chunk width of ``miniblock_mode="auto"`` when the paper's per-row blocks fit neither directly nor in
+    Woodbury form: ``start`` (``miniblock_chunk``) halved while the chunks' state (``state_bytes(chunk)``) exceeds
+    ``budget`` bytes, or while their statistics cost more than ``cost`` times the layer's own forward+backward
+    work per step. Chunks of width ``m`` cost ``N T d_out D m / 2`` multiply-adds per statistics step (packed
+    upper triangles, eq. M.4) against ``3 N T d_out D`` for the layer's forward, input and weight gradients,
+    so that bound is ``m <= 6 cost stat_interval``, whatever the layer's shape and batch (README "Performance")."""
+    limit = 6.0 * cost * stat_interval
+    chunk = start
+    while chunk > 1 and (state_bytes(chunk) > budget or chunk > limit):
+        chunk //= 2
+    return chunk
+
+
 # -- batched numerics ladder -----------------------------------------------------------------------------
 def _factor(damped: Tensor, layer: str, events: list[NumericsEvent]) -> Tensor:
     """What ``solve`` keeps of the damped blocks: the inverse for blocks up to ``_INV_MAX`` (on CPU, triangular
@@ -134,14 +152,21 @@ def _solve(factor: Tensor, rhs: Tensor) -> Tensor:
     return chol_solve(factor, rhs)
 
 
+def _diagonal_order(m: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Row and column of the upper-triangle entries of an ``m x m`` block, diagonal by diagonal."""
+    rows = torch.cat([torch.arange(m - o, device=device) for o in range(m)])
+    return rows, rows + torch.cat([torch.full((m - o,), o, device=device) for o in range(m)])
+
+
 def _row_stats(a: Tensor, g: Tensor, cols: Tensor) -> Tensor:
     """``sum_n g_{n,i}^2 a_{n,c} a_{n,c}^T`` for every row ``i`` and column chunk ``c`` (eq. M.4 without 1/N):
     ``(d_out C, m, m)`` from ``a`` ``(N, D)``, ``g`` ``(N, d_out)``; no per-example gradient is formed.
 
     Blocks up to 256: one GEMM ``g^2^T Q`` with ``Q = a_c a_c^T`` flattened, packed to its upper triangle
-    (half the flops, but gathers of ``N C m^2/2`` entries against the GEMM's ``d_out`` times more work) when the
-    GEMM dominates (``d_out >= 256``, ``m >= 8``: measured 0.75-0.9x the time of the full product for 16-wide
-    blocks of a 512-row layer at ``N = 1024``, 0.5x for 128-wide); larger blocks:
+    (half the flops) when the GEMM dominates (``d_out >= 256``, ``m >= 8``); the packed ``Q`` is built diagonal
+    by diagonal from contiguous slices (``a_{c,k} a_{c,k+o}``, no index gathers) and the GEMM accumulates in place
+    (measured 0.66-0.9x the time of the gathered form for 16- and 32-wide blocks of 512-row layers at
+    ``N = 1024``, one thread); larger blocks:
     per row ``(A diag(g_i^2))^T A`` as batched GEMMs over rows."""
     (n, d_out), (c, m) = g.shape, cols.shape
     g2 = g.square()
@@ -155,18 +180,26 @@ def _row_stats(a: Tensor, g: Tensor, cols: Tensor) -> Tensor:
             out.addmm_(g2[s:s + nc].T, (x.unsqueeze(-1) * x.unsqueeze(-2)).reshape(len(x), -1))
         return out.view(-1, m, m)
     if m <= 256:
-        iu = torch.triu_indices(m, m, device=a.device)
-        t = iu.shape[1]
-        packed = a.new_zeros(d_out, c, t)
+        # packed by diagonals: entries (k, k + o) for o = 0..m-1, each diagonal one product of two contiguous
+        # slices of the chunk (no gathers); the GEMM accumulates straight into its slice of ``packed``
+        t = m * (m + 1) // 2
+        starts = [o * m - o * (o - 1) // 2 for o in range(m + 1)]                           # diagonal o's offset
+        g2t = g2.T.contiguous()
+        packed = a.new_zeros(d_out, c * t)
         cc, nc = max(1, _CHUNK // (n * t)), -(-n // -(-n * t // _CHUNK))          # balanced example chunks
+        ac_all = a[:, cols]                                                                # (N, C, m)
         for c0 in range(0, c, cc):
-            ac = a[:, cols[c0:c0 + cc]]                                                    # (N, cc, m)
+            ac = ac_all[:, c0:c0 + cc]
+            blk = packed[:, c0 * t:(c0 + ac.shape[1]) * t]
             for s in range(0, n, nc):
                 x = ac[s:s + nc]
-                q = torch.index_select(x, 2, iu[0]) * torch.index_select(x, 2, iu[1])      # packed a a^T
-                packed[:, c0:c0 + cc] += (g2[s:s + nc].T @ q.reshape(len(x), -1)).view(d_out, -1, t)
+                q = x.new_empty(x.shape[0], x.shape[1], t)                                 # packed a a^T
+                for o in range(m):
+                    torch.mul(x[:, :, :m - o], x[:, :, o:], out=q[:, :, starts[o]:starts[o + 1]])
+                blk.addmm_(g2t[:, s:s + nc], q.view(len(x), -1))
+        rows_, cols_ = _diagonal_order(m, a.device)
         out, flat = a.new_empty(d_out * c, m * m), packed.view(-1, t)
-        out.index_copy_(1, iu[0] * m + iu[1], flat).index_copy_(1, iu[1] * m + iu[0], flat)
+        out.index_copy_(1, rows_ * m + cols_, flat).index_copy_(1, cols_ * m + rows_, flat)
         return out.view(-1, m, m)
     ac = a[:, cols]                                                                        # (N, C, m)
     at, an = ac.permute(1, 2, 0), ac.transpose(0, 1)                                      # (C, m, N), (C, N, m)
@@ -239,9 +272,8 @@ class MiniBlockCurvature(Curvature):
             elif rows and woodbury <= min(budget, direct(None)) and not _drops_ema(cfg):
                 mode = "woodbury"
             else:
-                mode, chunk = "chunked", cfg["miniblock_chunk"]
-                while chunk > 1 and direct(chunk) > budget:
-                    chunk //= 2
+                mode, chunk = "chunked", auto_chunk(cfg["miniblock_chunk"], direct, budget,
+                                                    cfg["miniblock_cost"], cfg["stat_interval"])
             log.info("curvlab miniblock: layer %r uses mode %r%s", self.name, mode,
                      f" (chunks of <= {chunk})" if chunk else "")
         if mode == "woodbury" and cfg["ema_decay"] > 0:
@@ -393,6 +425,9 @@ class MiniBlock(Estimator):
                                  "storage/solve: by memory budget | stored blocks | Woodbury (eq. M.9) | chunked"),
         "miniblock_chunk": Option(128, positive_int, "largest block size of the chunked mode (m_max)"),
         "miniblock_memory_mb": Option(512.0, positive, "per-layer memory budget of miniblock_mode='auto' (MiB)"),
+        "miniblock_cost": Option(1.0, positive, "miniblock_mode='auto', when rows are chunked: the chunks' "
+                                                "statistics may cost at most this times the layer's forward+backward "
+                                                "work per step (chunk <= 6 * cost * stat_interval)"),
         "miniblock_window": Option(1, positive_int, "woodbury mode: statistics batches kept (truncated EMA)"),
         "miniblock_damping": Option("absolute", one_of("absolute", "relative"),
                                     "per block F_b + lambda I | F_b + lambda mean(diag F_b) I"),
