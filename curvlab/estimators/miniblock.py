@@ -83,6 +83,19 @@ class Group:
 
     idx: Tensor
     cols: Tensor | None
+    span: Any = False                   # :func:`_column_span`'s cache (False: not computed yet)
+
+
+def _column_span(group: Group) -> tuple[int, int] | None:
+    """``(lo, hi)`` when the group's column chunks tile the columns ``lo..hi-1`` in order (then its blocks are the
+    rows of ``Wbar[:, lo:hi].reshape(-1, m)``), else ``None``. Cached on the group."""
+    if group.cols is None:
+        return None
+    if group.span is False:
+        cols = group.cols.reshape(-1)
+        lo = int(cols[0])
+        group.span = (lo, lo + cols.numel()) if torch.equal(cols.cpu(), torch.arange(lo, lo + cols.numel())) else None
+    return group.span
 
 
 def _split(t: Tensor, m: int) -> list[Tensor]:
@@ -352,10 +365,19 @@ class MiniBlockCurvature(Curvature):
     # -- products ------------------------------------------------------------------------------------------
     def _apply(self, mats: list[Tensor], v: Tensor, op=lambda m, x: torch.bmm(m, x.unsqueeze(-1)).squeeze(-1)
                ) -> Tensor:
-        flat, out = v.reshape(-1), torch.empty(v.numel(), dtype=v.dtype, device=v.device)
+        """``op(block, v_block)`` for every group; a group of contiguous column chunks (every row cut the same
+        way) reads and writes its entries through a reshaped column slice of ``v`` instead of an index gather
+        and scatter (the same entries: row-major ``(row, chunk)`` order is the group's block order)."""
+        out = torch.empty_like(v)
+        flat, out_flat = v.reshape(-1), out.view(-1)
         for gr, m in zip(self.groups, mats):
-            out[gr.idx] = op(m, flat[gr.idx])
-        return out.reshape(v.shape)
+            span = _column_span(gr)
+            if span is not None and v.dim() == 2 and v.shape[1] == self.shape[1]:
+                lo, hi = span
+                out[:, lo:hi] = op(m, v[:, lo:hi].reshape(gr.idx.shape)).view(v.shape[0], hi - lo)
+            else:
+                out_flat[gr.idx] = op(m, flat[gr.idx])
+        return out
 
     def solve(self, mat: Tensor) -> Tensor:
         """``(F + lambda)^-1 V`` block by block (eq. M.7); Woodbury (eq. M.9) in woodbury mode."""
