@@ -156,3 +156,21 @@ def test_kfac_ema_in_place_matches_the_formula_and_spares_the_callers_tensors():
     for k in ("A", "G"):
         assert_close(getattr(curv, k), want[k], rtol=1e-13, atol=1e-14, what=k)
     assert all(torch.equal(n[k], c[k]) for n, c in zip(news, copies) for k in n), "statistics were modified"
+
+
+def test_kfac_solve_with_the_padded_inverse_equals_the_plain_product():
+    """A layer of 200 inputs + bias (201 columns, padded to 208 in solve) against G_d^-1 V A_d^-1."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(200, 6), nn.Tanh(), nn.Linear(6, 3))
+    opt = curvlab.optimizer(model, "kfac", fisher="empirical", damping=1e-2)
+    x, y = torch.randn(50, 200), torch.randint(0, 3, (50,))
+    F.cross_entropy(model(x), y).backward()
+    opt.update_curvature()
+    opt.refresh()
+    curv = opt.units[0].curvature
+    inv = curv.inverses
+    assert curv._padded_inverse(inv["A_inv"]).shape == (208, 208)
+    V = torch.randn(6, 201, generator=torch.Generator().manual_seed(1))
+    assert_close(curv.solve(V), inv["G_inv"] @ V @ inv["A_inv"], rtol=1e-12, atol=1e-14, what="padded solve")
+    opt.refresh()                                   # a new inverse: the padded copy follows it
+    assert curv._padded_inverse(curv.inverses["A_inv"])[:201, :201].equal(curv.inverses["A_inv"])
