@@ -174,3 +174,9 @@ def test_kfac_solve_with_the_padded_inverse_equals_the_plain_product():
     assert_close(curv.solve(V), inv["G_inv"] @ V @ inv["A_inv"], rtol=1e-12, atol=1e-14, what="padded solve")
     opt.refresh()                                   # a new inverse: the padded copy follows it
     assert curv._padded_inverse(curv.inverses["A_inv"])[:201, :201].equal(curv.inverses["A_inv"])
+
+
+def test_every_peer_has_a_cost_note():
+    from curvlab.bench.peers import COST_NOTES, PEERS
+    assert set(COST_NOTES) == set(PEERS)
+    assert all(note.startswith(("cheaper", "dearer", "not the same")) for note in COST_NOTES.values())

@@ -113,6 +113,22 @@ DIFFERENCES: dict[str, list[str]] = {
     ],
 }
 
+#: peer name -> the conventions in :data:`DIFFERENCES` that change the COST of a step against the curvlab
+#: equivalent (``curvlab bench --peers`` prints them under the peer's row): "cheaper" where the peer does less work
+#: by its convention, "dearer" where it does more
+COST_NOTES: dict[str, str] = {
+    "asdl-kfac": "cheaper by convention: the bias stays out of A (d_in x d_in factors and even-width products, e.g. "
+                 "784 instead of curvlab's 785 for a 784-input layer; the bias is preconditioned by G only)",
+    "asdl-shampoo": "cheaper by convention: biases get the plain gradient (curvlab: diagonal AdaGrad), coupled-Newton "
+                    "roots stop at 1e-6 (curvlab's Newton at 1e-10: more iterations per root)",
+    "curvlinops-kfac": "dearer by convention: one extra forward+backward per statistics step (its own pass over the "
+                       "batch)",
+    "pytorch_optimizer-shampoo": "dearer by convention: SVD roots (curvlab: eigh) and a full-matrix root per bias; "
+                                "statistics summed, not averaged (same cost)",
+    "singd": "not the same algorithm: no inverse or root at all (a Riemannian factor update every stat_interval "
+             "steps); compared for cost only",
+}
+
 _LOSSES = {"cross_entropy": F.cross_entropy, "mse": F.mse_loss}
 
 
@@ -383,12 +399,13 @@ def make_curvlab_step(peer: str, model: nn.Module, x: torch.Tensor, y: torch.Ten
 
 
 def compare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: list[str], *, repeats: int = 7,
-            warmup: int = 1, **settings: Any) -> dict[str, Any]:
+            warmup: int = 1, clock: str = "wall", **settings: Any) -> dict[str, Any]:
     """Step time of each peer in ``names`` and of its curvlab equivalent, interleaved in one process.
 
     Every callable runs blocks of one schedule period (``lcm(stat_interval, inv_interval)`` steps) per round
-    (:func:`curvlab.bench.harness.interleaved`); ``ratios[peer]`` is the median over rounds of
-    ``peer time / curvlab-equivalent time`` in the same round. Peers whose library is missing are skipped."""
+    (:func:`curvlab.bench.harness.interleaved`, ``clock`` "wall" or "process"); ``ratios[peer]`` is the median over
+    rounds of ``peer time / curvlab-equivalent time`` in the same round. Peers whose library is missing are
+    skipped."""
     import math
     import statistics
 
@@ -407,7 +424,7 @@ def compare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: list[str]
         if label not in steps:
             steps[label] = make_curvlab_step(peer, model, x, y, **settings)
     period = math.lcm(settings["stat_interval"], settings["inv_interval"])
-    times = interleaved(steps, warmup=warmup, repeats=repeats, block=period)
+    times = interleaved(steps, warmup=warmup, repeats=repeats, block=period, clock=clock)
     med = {k: statistics.median(v) for k, v in times.items()}
     ratios = {p: statistics.median(a / b for a, b in zip(times[p], times[r])) for p, r in reference.items()}
     finite = {k: all(bool(torch.isfinite(p).all()) for p in fn.model.parameters())  # type: ignore[attr-defined]
