@@ -180,3 +180,20 @@ def test_every_peer_has_a_cost_note():
     from curvlab.bench.peers import COST_NOTES, PEERS
     assert set(COST_NOTES) == set(PEERS)
     assert all(note.startswith(("cheaper", "dearer", "not the same")) for note in COST_NOTES.values())
+
+
+def test_shampoo_newton_in_the_statistics_dtype():
+    """shampoo_newton_dtype='statistics': a float32 statistic gets its root from a float32 Newton iteration (to
+    max|M - I| <= 1e-6), within float32 accuracy of the float64 eigh root; a float64 one is computed exactly as
+    with the float64 default."""
+    from curvlab.estimators.shampoo import inverse_root
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(300, 40, generator=g)
+    mat = x.T @ x / 300
+    ref = inverse_root(mat, 0.25, 1e-3, method="eigh")
+    low = inverse_root(mat.float(), 0.25, 1e-3, method="newton", newton_dtype="statistics")
+    assert low.dtype == torch.float64
+    assert float((low - ref).abs().max() / ref.abs().max()) < 1e-4
+    same = inverse_root(mat, 0.25, 1e-3, method="newton", newton_dtype="statistics")
+    assert torch.equal(same, inverse_root(mat, 0.25, 1e-3, method="newton"))
+    assert_close(same, ref, rtol=1e-8, atol=1e-9, what="float64 Newton root")

@@ -79,7 +79,9 @@ DIFFERENCES: dict[str, list[str]] = {
         "ASDL adds the ridge eps * lambda_max into its statistics in place at every root computation (it "
         "accumulates over refreshes) and initializes them with 1e-12 I; curvlab never modifies the statistics",
         "roots: ASDL's coupled Newton stops at max|M - I| <= 1e-6 with a random-start power iteration for "
-        "lambda_max (1e-6 absolute); curvlab's Newton stops at 1e-10 (roots ~1e-7 apart in the step)",
+        "lambda_max (1e-6 absolute); curvlab's (shampoo_newton_dtype='statistics', ASDL's precision convention: "
+        "Newton in the parameters' dtype) stops at 1e-6 below float64 and at 1e-10 in float64 (roots ~1e-7 apart "
+        "in the step), with a fixed-start power iteration to 1e-13 relative",
         "first EMA step: ASDL stores (1 - xi) * S_new + xi * 1e-12 I; equal for ema_decay=0",
         "ASDL builds its identities and power-iteration vectors in torch's default dtype: the step sets the "
         "default dtype to the parameters' dtype around ASDL's calls (a float64 model otherwise gets float32 "
@@ -119,8 +121,8 @@ DIFFERENCES: dict[str, list[str]] = {
 COST_NOTES: dict[str, str] = {
     "asdl-kfac": "cheaper by convention: the bias stays out of A (d_in x d_in factors and even-width products, e.g. "
                  "784 instead of curvlab's 785 for a 784-input layer; the bias is preconditioned by G only)",
-    "asdl-shampoo": "cheaper by convention: biases get the plain gradient (curvlab: diagonal AdaGrad), coupled-Newton "
-                    "roots stop at 1e-6 (curvlab's Newton at 1e-10: more iterations per root)",
+    "asdl-shampoo": "cheaper by convention: biases get the plain gradient (curvlab: diagonal AdaGrad); its "
+                    "float32 Newton roots are matched by curvlab's shampoo_newton_dtype='statistics' in this row",
     "curvlinops-kfac": "dearer by convention: one extra forward+backward per statistics step (its own pass over the "
                        "batch)",
     "pytorch_optimizer-shampoo": "dearer by convention: SVD roots (curvlab: eigh) and a full-matrix root per bias; "
@@ -176,7 +178,7 @@ def curvlab_equivalent(peer: str, *, lr: float, damping: float, momentum: float,
     if peer == "asdl-shampoo":
         return "shampoo", "natural", {**common, **shampoo, "shampoo_statistics": "ema", "ema_decay": ema_decay,
                                       "shampoo_epsilon": "relative", "shampoo_root_method": "newton",
-                                      "stat_interval": stat_interval}
+                                      "shampoo_newton_dtype": "statistics", "stat_interval": stat_interval}
     # pytorch_optimizer-shampoo: eps * I added once to the summed statistics == ridge eps at refresh
     return "shampoo", "natural", {**common, **shampoo, "shampoo_statistics": "sum", "shampoo_epsilon": "absolute",
                                   "shampoo_root_method": "eigh", "stat_interval": 1}
