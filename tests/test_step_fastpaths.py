@@ -197,3 +197,16 @@ def test_shampoo_newton_in_the_statistics_dtype():
     same = inverse_root(mat, 0.25, 1e-3, method="newton", newton_dtype="statistics")
     assert torch.equal(same, inverse_root(mat, 0.25, 1e-3, method="newton"))
     assert_close(same, ref, rtol=1e-8, atol=1e-9, what="float64 Newton root")
+
+
+def test_miniblock_solve_of_a_non_contiguous_matrix():
+    """The column-slice fast path of MBF's solve takes strided inputs (an embedding's transposed view)."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    opt = curvlab.optimizer(model, "miniblock", miniblock_mode="chunked", miniblock_chunk=3, damping=0.1)
+    F.cross_entropy(model(torch.randn(20, 6)), torch.randint(0, 3, (20,))).backward()
+    opt.update_curvature()
+    opt.refresh()
+    curv = opt.units[0].curvature
+    v = torch.randn(7, 5).T                                   # (5, 7), not contiguous
+    assert_close(curv.solve(v), curv.solve(v.contiguous()), rtol=0, atol=0, what="strided solve")

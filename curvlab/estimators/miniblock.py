@@ -368,7 +368,7 @@ class MiniBlockCurvature(Curvature):
         """``op(block, v_block)`` for every group; a group of contiguous column chunks (every row cut the same
         way) reads and writes its entries through a reshaped column slice of ``v`` instead of an index gather
         and scatter (the same entries: row-major ``(row, chunk)`` order is the group's block order)."""
-        out = torch.empty_like(v)
+        out = torch.empty(v.shape, dtype=v.dtype, device=v.device)            # contiguous, whatever v's strides
         flat, out_flat = v.reshape(-1), out.view(-1)
         for gr, m in zip(self.groups, mats):
             span = _column_span(gr)
