@@ -265,7 +265,7 @@ def test_state_dict_round_trip_and_training_step(mode):
                                            (33, 8, 256), (33, 7, 256)])
 def test_row_statistics_kernels_against_einsum(width, m, d_out):
     """The four kernels of the T = 1 fast path (diagonal, outer products, packed triangles, per-row GEMMs)."""
-    from curvlab.estimators.miniblock import _row_stats, _split
+    from curvlab.estimators.miniblock_layout import _row_stats, _split
     gen = torch.Generator().manual_seed(width + m)
     a, g = torch.randn(5, width, generator=gen), torch.randn(5, d_out, generator=gen)
     for cols in _split(torch.arange(width).reshape(1, -1), m):
@@ -305,7 +305,7 @@ def test_auto_chunk_follows_the_cost_budget_and_equals_the_explicit_layout(stat_
 
 
 def test_auto_chunk_rule():
-    from curvlab.estimators.miniblock import auto_chunk
+    from curvlab.estimators.miniblock_layout import auto_chunk
     assert auto_chunk(128, lambda m: 0, 1.0, 1.0, 10) == 32       # m <= 60
     assert auto_chunk(128, lambda m: 0, 1.0, 1.0, 100) == 128     # m <= 600: the cap
     assert auto_chunk(128, lambda m: m, 20.0, 100.0, 10) == 16    # memory binds
