@@ -35,9 +35,9 @@ Storage modes (``miniblock_mode``, per layer; 3.2 (a)-(c)):
 * ``"auto"`` (default): direct if it fits ``miniblock_memory_mb``, else Woodbury if it applies and fits (both
   keep the paper's per-row blocks), else chunked, the chunk halved from ``miniblock_chunk`` until it fits the memory
   budget AND its statistics cost at most ``miniblock_cost`` (default 1) times the layer's forward+backward work per
-  step, i.e. ``chunk <= 6 miniblock_cost stat_interval`` (:func:`curvlab.estimators.miniblock_layout.auto_chunk`; the per-row blocks of a 784-wide
-  layer at batch 1024 cost ~130 times that work per statistics step, so at ``stat_interval=10`` the chunks are
-  32 wide). Decided at the first statistics step and logged.
+  step, i.e. ``chunk <= 6 miniblock_cost stat_interval`` (:func:`curvlab.estimators.miniblock_layout.auto_chunk`;
+  the per-row blocks of a 784-wide layer at batch 1024 cost ~130 times that work per statistics step, so at
+  ``stat_interval=10`` the chunks are 32 wide). Decided at the first statistics step and logged.
 """
 from __future__ import annotations
 
