@@ -103,6 +103,12 @@ class LayerAdapter:
     def input_rows(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def raw_input_rows(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """``input_rows`` before the homogeneous column is appended, for adapters whose ``input_rows`` is
+        ``_homogeneous(raw rows)`` (Linear, Conv2d); ``None`` otherwise. K-FAC forms ``A`` from these blockwise
+        (:func:`curvlab.kernels.homogeneous_gram`) instead of copying the rows into ``[x 1]``."""
+        return None
+
     def output_rows(self, module: nn.Module, g: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -120,8 +126,11 @@ class LinearAdapter(LayerAdapter):
 
     module_types = (nn.Linear,)
 
+    def raw_input_rows(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], -1, x.shape[-1])
+
     def input_rows(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return self._homogeneous(module, x.reshape(x.shape[0], -1, x.shape[-1]))
+        return self._homogeneous(module, self.raw_input_rows(module, x))
 
     def output_rows(self, module: nn.Module, g: torch.Tensor) -> torch.Tensor:
         return g.reshape(g.shape[0], -1, g.shape[-1])
@@ -142,10 +151,13 @@ class Conv2dAdapter(LayerAdapter):
             return f"padding={module.padding!r} given as a string is not supported; give it as integers"
         return None
 
-    def input_rows(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def raw_input_rows(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         patches = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding,
                            stride=module.stride)                      # (N, c_in k_h k_w, T)
-        return self._homogeneous(module, patches.transpose(1, 2))
+        return patches.transpose(1, 2)
+
+    def input_rows(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return self._homogeneous(module, self.raw_input_rows(module, x))
 
     def output_rows(self, module: nn.Module, g: torch.Tensor) -> torch.Tensor:
         return g.flatten(2).transpose(1, 2)                           # (N, T, c_out)

@@ -127,7 +127,7 @@ class LevenbergMarquardt:
         theta = None
         if self.held_out:                                # the point the next batch is compared at
             index = {p: i for i, p in enumerate(self.opt.flat_params())}
-            theta = {index[p]: p.detach().clone() for p, _ in plan.updates}
+            theta = {index[p]: p.detach().clone() for p in plan.params()}
         return Pending(self.opt.step_count, given if given is not None else change, l2, theta)
 
     def after_update(self, pending: Pending, closure: Callable, h_before: Any) -> None:
@@ -226,7 +226,7 @@ def predicted_changes(opt, plans, curvature: bool = True) -> list[tuple[float, f
     The curvature terms ``delta^T F delta`` of all plans come from ONE batched forward-mode pass
     (:meth:`curvlab.quadratic.QuadraticModel.gram`); ``curvature=False`` skips it (the changes are then NaN)."""
     coupled = opt.rule.config.get("weight_decay_style", "coupled") == "coupled"
-    maps = [{p: d for p, d in plan.updates} for plan in plans]
+    maps = [dict(plan.deltas()) for plan in plans]
     partial = []
     for updates in maps:
         l2 = lin = quad = 0.0

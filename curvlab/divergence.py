@@ -96,7 +96,7 @@ class SkipStreak:
 def nonfinite_units(units: list[Any], plan: Any) -> list[str]:
     """Names of the units owning a parameter whose planned update or rule state (a :class:`curvlab.rules.Plan`) is
     not finite, in unit order."""
-    entries = [*plan.updates, *((p, v) for p, _, v in plan.state)]
+    entries = [*plan.deltas(), *((p, v) for p, _, v in plan.state)]
     bad = {id(p) for p, value in entries if not bool(torch.isfinite(value).all())}
     return [u.name for u in units if any(id(p) in bad for p in u.params)]
 

@@ -94,6 +94,7 @@ class CurvlabOptimizer(torch.optim.Optimizer):
             raise ValueError("the model has no trainable parameters (requires_grad=True)")
         self._layout = self._param_layout()
         self._param_ids = tuple(id(p) for p in model.parameters())
+        self._modules_seen = self._structure()
         defaults = {k: self.config[k] for k, opt in options.items() if opt.per_group}
         super().__init__([p for u in self.units for p in u.params], defaults)
         self._bind_groups()
@@ -168,9 +169,23 @@ class CurvlabOptimizer(torch.optim.Optimizer):
         """``{qualified name: id(parameter)}`` of the model's parameters (to detect a model changed later)."""
         return {n: id(p) for n, p in self.model.named_parameters()}
 
+    def _structure(self) -> list[tuple[Any, tuple[int, ...], tuple[int, ...]]]:
+        """Every module with the ids of its direct children and parameters (what a swap or re-creation changes)."""
+        return [(m, tuple(map(id, m._modules.values())), tuple(map(id, m._parameters.values())))
+                for m in self.model.modules()]
+
+    def _structure_unchanged(self) -> bool:
+        """The per-step test, without re-walking the module tree: no module of the cached list changed its
+        direct children or parameters (so no parameter anywhere was replaced, added or removed)."""
+        return all(tuple(map(id, m._modules.values())) == kids and tuple(map(id, m._parameters.values())) == params
+                   for m, kids, params in self._modules_seen)
+
     def _check_model_unchanged(self) -> None:
         """Raise if a parameter was replaced, added or removed since construction (layer swapped, re-created)."""
-        if tuple(id(p) for p in self.model.parameters()) == self._param_ids:   # the cheap per-step test
+        if self._structure_unchanged():                                        # the cheap per-step test
+            return
+        if tuple(id(p) for p in self.model.parameters()) == self._param_ids:   # e.g. a parameter-free module added
+            self._modules_seen = self._structure()
             return
         now = self._param_layout()
         if now == self._layout:
@@ -302,10 +317,7 @@ class CurvlabOptimizer(torch.optim.Optimizer):
                 self._skip(f"the update rule produced non-finite updates in {bad}", bad)
                 return loss
             pending = self.lm.predict(plan) if self.lm is not None and self.lm.due(self._t) else None
-            for p, key, value in plan.state:
-                self.state[p][key] = value
-            for p, delta in plan.updates:
-                p.add_(delta)
+            plan.apply(self.state)
         if self.capture:
             self.capture.clear()
         self._t += 1

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .adapters import LayerAdapter
-from .kernels import gram
+from .kernels import gram, homogeneous_gram
 
 
 class LayerStats:
@@ -55,6 +55,22 @@ class LayerStats:
         """``(N, T, d_in [+1])`` homogeneous inputs, in the statistics dtype; the uses of a layer applied
         several times in one forward are concatenated along ``T`` (ALGORITHMS.md section 11)."""
         return self._inputs
+
+    @cached_property
+    def _raw_inputs(self) -> torch.Tensor | None:
+        """``input_rows()`` without its homogeneous column, when that is how the adapter builds it (the bias
+        trains with the weight) and the homogeneous rows were not formed already; else ``None``."""
+        adapter, module = self.adapter, self.module
+        if "_inputs" in self.__dict__ or not (adapter.weight_trained and adapter.has_bias(module)):
+            return None
+        rows = []
+        for r in self.records:
+            uses = [adapter.raw_input_rows(module, u.inputs) for u in r.uses]
+            if any(u is None for u in uses):
+                return None
+            uses = [u.to(self.dtype) for u in uses]
+            rows.append(torch.cat(uses, dim=1) if len(uses) > 1 else uses[0])
+        return torch.cat(rows) if len(rows) > 1 else rows[0]
 
     def output_rows(self, kind: str, per: str = "example") -> list[tuple[torch.Tensor, float]]:
         """Output-gradient rows ``(N, T, d_out)`` with their weights; see the module doc.
@@ -95,13 +111,15 @@ class LayerStats:
         linear networks: expand with a loss per position, reduce with one loss per sequence."""
         if approx not in ("expand", "reduce"):
             raise ValueError(f"approx must be 'expand' or 'reduce', got {approx!r}")
-        rows = self.input_rows()
-        n, t, d_in = rows.shape
         n_terms = sum(r.terms for r in self.records)
+        raw = self._raw_inputs                 # A = [x 1]^T [x 1] blockwise, without the [x 1] copy
+        rows = raw if raw is not None else self.input_rows()
+        n, t, d_in = rows.shape
+        square = gram if raw is None else homogeneous_gram
         if approx == "expand":
-            a = gram(rows.reshape(-1, d_in), 1.0 / n_terms)
+            a = square(rows.reshape(-1, d_in), 1.0 / n_terms)
         else:
-            a = gram(rows.mean(dim=1), 1.0 / n)
+            a = square(rows.mean(dim=1), 1.0 / n)
         g = None
         for out, weight in self.output_rows(kind, per="term"):
             if approx == "expand":

@@ -120,3 +120,18 @@ def inner(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> torch.Tensor:
     for x, y in zip(xs, ys):
         acc = acc + (x.to(acc.dtype) * y.to(acc.dtype)).sum()
     return acc
+
+
+def global_norm(weighted: list[tuple[float, list[torch.Tensor]]]) -> torch.Tensor:
+    """``sqrt(sum_u w_u^2 ||d_u||^2)`` over ``(w_u, d_u)`` pairs (SNGM's N.1 norm), as a 0-d tensor.
+
+    One ``torch._foreach_norm`` over all tensors (one reduction each, no elementwise product written out) and
+    one weighted sum; accumulated in float32 or better, as :func:`inner`.
+    """
+    tensors = [t for _, ts in weighted for t in ts]
+    weights = [abs(float(w)) for w, ts in weighted for _ in ts]
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    norms = torch.stack([n.to(dtype) for n in torch._foreach_norm(tensors)])
+    if any(w != 1.0 for w in weights):
+        norms = norms * torch.tensor(weights, dtype=dtype, device=norms.device)
+    return torch.linalg.vector_norm(norms)

@@ -119,7 +119,7 @@ def test_nonfinite_updates_name_their_layer(monkeypatch):
 
     def poisoned(units, state, stats):
         out = plan(units, state, stats)
-        return Plan([(p, d * math.nan if p is net.inp.weight else d) for p, d in out.updates], out.state)
+        return Plan([(p, d * math.nan if p is net.inp.weight else d) for p, d in out.deltas()], out.state)
 
     monkeypatch.setattr(opt.rule, "plan", poisoned)
     step(opt, net)

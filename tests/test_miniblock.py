@@ -200,7 +200,7 @@ def test_auto_mode_follows_the_memory_budget():
     auto = fitted(mlp(7, d_in=300), batches, miniblock_memory_mb=5.0, damping=0.1)
     assert [u.curvature.mode for u in auto.units] == ["woodbury", "direct"]
     big = fitted(mlp(7, d_in=300), [data(600, (300,), seed=8)], miniblock_memory_mb=1.0, miniblock_chunk=64,
-                 damping=0.1)
+                 damping=0.1, miniblock_cost=100.0)          # only the memory budget binds here
     curv = big.units[0].curvature                   # chunk 64: 2 * 6 * 301 * 64 * 8 B = 1.8 MB > 1 MB -> 32
     assert (curv.mode, curv.chunk) == ("chunked", 32)
     assert max(g.idx.shape[1] for g in curv.groups) == 32
@@ -265,7 +265,7 @@ def test_state_dict_round_trip_and_training_step(mode):
                                            (33, 8, 256), (33, 7, 256)])
 def test_row_statistics_kernels_against_einsum(width, m, d_out):
     """The four kernels of the T = 1 fast path (diagonal, outer products, packed triangles, per-row GEMMs)."""
-    from curvlab.estimators.miniblock import _row_stats, _split
+    from curvlab.estimators.miniblock_layout import _row_stats, _split
     gen = torch.Generator().manual_seed(width + m)
     a, g = torch.randn(5, width, generator=gen), torch.randn(5, d_out, generator=gen)
     for cols in _split(torch.arange(width).reshape(1, -1), m):
@@ -283,3 +283,30 @@ def test_woodbury_refuses_an_ema_it_would_drop_and_auto_avoids_it():
     assert auto.units[0].curvature.mode == "chunked"                # honours the EMA instead of Woodbury
     kept = fitted(mlp(7, d_in=300), batches, miniblock_memory_mb=5.0, damping=0.1, ema_decay=0.5, miniblock_window=2)
     assert kept.units[0].curvature.mode == "woodbury"
+
+
+@pytest.mark.parametrize("stat_interval,cost,chunk", [(1, 1.0, 4), (10, 1.0, 32), (10, 0.5, 16), (3, 100.0, 64)])
+def test_auto_chunk_follows_the_cost_budget_and_equals_the_explicit_layout(stat_interval, cost, chunk):
+    """Rows that fit neither directly nor as Woodbury are chunked at the largest halving of miniblock_chunk with
+    chunk <= 6 * miniblock_cost * stat_interval; the result IS the explicit chunked mode of that width (float64,
+    bit for bit)."""
+    batches = [data(600, (300,), seed=8)]
+    hyper = dict(miniblock_memory_mb=2.0, miniblock_chunk=64, damping=0.1, stat_interval=stat_interval)
+    auto = fitted(mlp(7, d_in=300), batches, miniblock_cost=cost, **hyper)
+    curv = auto.units[0].curvature
+    assert (curv.mode, curv.chunk) == ("chunked", chunk)
+    assert auto.units[1].curvature.mode == "direct"                 # 3 x 7 rows fit: the paper's blocks
+    explicit = fitted(mlp(7, d_in=300), batches, miniblock_mode="chunked", **{**hyper, "miniblock_chunk": chunk})
+    gen = torch.Generator().manual_seed(4)
+    V = torch.randn(*curv.shape, generator=gen)
+    ref = explicit.units[0].curvature
+    assert_close(curv.dense(), ref.dense(), rtol=0, atol=0, what="dense")
+    assert_close(curv.solve(V), ref.solve(V), rtol=0, atol=0, what="solve")
+
+
+def test_auto_chunk_rule():
+    from curvlab.estimators.miniblock_layout import auto_chunk
+    assert auto_chunk(128, lambda m: 0, 1.0, 1.0, 10) == 32       # m <= 60
+    assert auto_chunk(128, lambda m: 0, 1.0, 1.0, 100) == 128     # m <= 600: the cap
+    assert auto_chunk(128, lambda m: m, 20.0, 100.0, 10) == 16    # memory binds
+    assert auto_chunk(128, lambda m: 0, 1.0, 0.01, 1) == 1        # the diagonal at the end

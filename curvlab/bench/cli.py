@@ -227,9 +227,12 @@ PEER_SUITE: list[tuple[str, list[str], dict[str, Any]]] = [
 ]
 
 
-def run_peers(model: nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: int) -> list[dict[str, Any]]:
-    """Each peer against its curvlab equivalent, interleaved; prints ``curvlab / peer`` (target <= 0.8)."""
-    from .peers import compare, peer_status
+def run_peers(model: nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: int, clock: str = "wall"
+              ) -> list[dict[str, Any]]:
+    """Each peer against its curvlab equivalent, interleaved; prints ``curvlab / peer`` (target <= 0.8 against the
+    fastest peer of a suite) and, under each row, the conventions that make that peer's step cheaper or dearer
+    (:data:`curvlab.bench.peers.COST_NOTES`)."""
+    from .peers import COST_NOTES, compare, peer_status
 
     status = peer_status()
     missing = {p: s for p, s in status.items() if not s.startswith("ok")}
@@ -241,7 +244,7 @@ def run_peers(model: nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: int) 
         if not names:
             continue
         try:
-            res = compare(model, x, y, names, repeats=repeats, **settings)
+            res = compare(model, x, y, names, repeats=repeats, clock=clock, **settings)
         except Exception as exc:                   # a peer that breaks must not lose the other suites' rows
             print(f"\n{title}: failed ({type(exc).__name__}: {exc})")
             results.append({"suite": title, "error": f"{type(exc).__name__}: {exc}"})
@@ -251,10 +254,13 @@ def run_peers(model: nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: int) 
             ref = res["reference"][peer]
             row = {"suite": title, "peer": peer, "version": status[peer], "curvlab": ref,
                    "peer_ms": 1e3 * res["seconds"][peer], "curvlab_ms": 1e3 * res["seconds"][ref],
-                   "curvlab_over_peer": 1.0 / res["ratios"][peer], "finite": res["finite"][peer]}
+                   "curvlab_over_peer": 1.0 / res["ratios"][peer], "finite": res["finite"][peer],
+                   "cost_note": COST_NOTES.get(peer, "")}
             results.append(row)
             print(f"  {peer:<28} {row['peer_ms']:>9.2f} ms   curvlab {row['curvlab_ms']:>9.2f} ms   "
                   f"curvlab/peer {row['curvlab_over_peer']:>5.2f}{'' if row['finite'] else '  (peer diverged)'}")
+            if row["cost_note"]:
+                print(f"    {row['cost_note']}")
     return results
 
 
@@ -345,7 +351,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"WARNING: skipped (non-finite) steps make these rows meaningless: {skipped}")
         case = {"model": args.model, "hidden": hidden, "batch": batch, "rows": rows}
         if args.peers:
-            case["peers"] = run_peers(model, x, y, args.repeats)
+            case["peers"] = run_peers(model, x, y, args.repeats, args.clock)
         out["cases"].append(case)
     if args.json:
         atomic_write_json(Path(args.json), out)

@@ -79,7 +79,9 @@ DIFFERENCES: dict[str, list[str]] = {
         "ASDL adds the ridge eps * lambda_max into its statistics in place at every root computation (it "
         "accumulates over refreshes) and initializes them with 1e-12 I; curvlab never modifies the statistics",
         "roots: ASDL's coupled Newton stops at max|M - I| <= 1e-6 with a random-start power iteration for "
-        "lambda_max (1e-6 absolute); curvlab's Newton stops at 1e-10 (roots ~1e-7 apart in the step)",
+        "lambda_max (1e-6 absolute); curvlab's (shampoo_newton_dtype='statistics', ASDL's precision convention: "
+        "Newton in the parameters' dtype) stops at 1e-6 below float64 and at 1e-10 in float64 (roots ~1e-7 apart "
+        "in the step), with a fixed-start power iteration to 1e-13 relative",
         "first EMA step: ASDL stores (1 - xi) * S_new + xi * 1e-12 I; equal for ema_decay=0",
         "ASDL builds its identities and power-iteration vectors in torch's default dtype: the step sets the "
         "default dtype to the parameters' dtype around ASDL's calls (a float64 model otherwise gets float32 "
@@ -111,6 +113,22 @@ DIFFERENCES: dict[str, list[str]] = {
         "step every T steps (lr_cov, alpha1, damping inside the update); there is no inverse. T = stat_interval "
         "(the statistics are consumed when gathered). Compared for cost only",
     ],
+}
+
+#: peer name -> the conventions in :data:`DIFFERENCES` that change the COST of a step against the curvlab
+#: equivalent (``curvlab bench --peers`` prints them under the peer's row): "cheaper" where the peer does less work
+#: by its convention, "dearer" where it does more
+COST_NOTES: dict[str, str] = {
+    "asdl-kfac": "cheaper by convention: the bias stays out of A (d_in x d_in factors and even-width products, e.g. "
+                 "784 instead of curvlab's 785 for a 784-input layer; the bias is preconditioned by G only)",
+    "asdl-shampoo": "cheaper by convention: biases get the plain gradient (curvlab: diagonal AdaGrad); its "
+                    "float32 Newton roots are matched by curvlab's shampoo_newton_dtype='statistics' in this row",
+    "curvlinops-kfac": "dearer by convention: one extra forward+backward per statistics step (its own pass over the "
+                       "batch)",
+    "pytorch_optimizer-shampoo": "dearer by convention: SVD roots (curvlab: eigh) and a full-matrix root per bias; "
+                                "statistics summed, not averaged (same cost)",
+    "singd": "not the same algorithm: no inverse or root at all (a Riemannian factor update every stat_interval "
+             "steps); compared for cost only",
 }
 
 _LOSSES = {"cross_entropy": F.cross_entropy, "mse": F.mse_loss}
@@ -160,7 +178,7 @@ def curvlab_equivalent(peer: str, *, lr: float, damping: float, momentum: float,
     if peer == "asdl-shampoo":
         return "shampoo", "natural", {**common, **shampoo, "shampoo_statistics": "ema", "ema_decay": ema_decay,
                                       "shampoo_epsilon": "relative", "shampoo_root_method": "newton",
-                                      "stat_interval": stat_interval}
+                                      "shampoo_newton_dtype": "statistics", "stat_interval": stat_interval}
     # pytorch_optimizer-shampoo: eps * I added once to the summed statistics == ridge eps at refresh
     return "shampoo", "natural", {**common, **shampoo, "shampoo_statistics": "sum", "shampoo_epsilon": "absolute",
                                   "shampoo_root_method": "eigh", "stat_interval": 1}
@@ -383,12 +401,13 @@ def make_curvlab_step(peer: str, model: nn.Module, x: torch.Tensor, y: torch.Ten
 
 
 def compare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: list[str], *, repeats: int = 7,
-            warmup: int = 1, **settings: Any) -> dict[str, Any]:
+            warmup: int = 1, clock: str = "wall", **settings: Any) -> dict[str, Any]:
     """Step time of each peer in ``names`` and of its curvlab equivalent, interleaved in one process.
 
     Every callable runs blocks of one schedule period (``lcm(stat_interval, inv_interval)`` steps) per round
-    (:func:`curvlab.bench.harness.interleaved`); ``ratios[peer]`` is the median over rounds of
-    ``peer time / curvlab-equivalent time`` in the same round. Peers whose library is missing are skipped."""
+    (:func:`curvlab.bench.harness.interleaved`, ``clock`` "wall" or "process"); ``ratios[peer]`` is the median over
+    rounds of ``peer time / curvlab-equivalent time`` in the same round. Peers whose library is missing are
+    skipped."""
     import math
     import statistics
 
@@ -407,7 +426,7 @@ def compare(model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: list[str]
         if label not in steps:
             steps[label] = make_curvlab_step(peer, model, x, y, **settings)
     period = math.lcm(settings["stat_interval"], settings["inv_interval"])
-    times = interleaved(steps, warmup=warmup, repeats=repeats, block=period)
+    times = interleaved(steps, warmup=warmup, repeats=repeats, block=period, clock=clock)
     med = {k: statistics.median(v) for k, v in times.items()}
     ratios = {p: statistics.median(a / b for a, b in zip(times[p], times[r])) for p, r in reference.items()}
     finite = {k: all(bool(torch.isfinite(p).all()) for p in fn.model.parameters())  # type: ignore[attr-defined]

@@ -96,6 +96,7 @@ class FusedIsaacCurvature(Curvature):
                              f"code); got isaac_bias={self.config['isaac_bias']!r}")
         self._damping: Callable[[], float] = lambda: float(self.config["damping"])
         self.last_branch: str | None = None
+        self._eyes: dict[int, torch.Tensor] = {}
         module = self.module
         module.forward = lambda x: _FusedLinear.apply(x, module.weight, module.bias, self)
 
@@ -111,21 +112,37 @@ class FusedIsaacCurvature(Curvature):
         rows = x.shape[0]
         b = rows if self.config["isaac_average"] == "rows" else examples
         dtype = g.dtype
-        xs = x.to(self.dtype) / math.sqrt(b)
-        gs = g.to(self.dtype)
+        xc, gs = x.to(self.dtype), g.to(self.dtype)
         branch = self.config["isaac_branch"]
         if branch == "auto":
-            branch = "woodbury" if rows < xs.shape[1] else "direct"
+            branch = "woodbury" if rows < xc.shape[1] else "direct"
         self.last_branch = branch
         if branch == "woodbury":
-            # R x R: an explicit inverse from the Cholesky factor is cheap (R^3) and turns the solve with n
-            # right-hand sides into one GEMM (cholesky_solve on a row-major (R, n) copies and is ~20x slower)
-            kind, mat = _spd_factor(add_diagonal(xs @ xs.T, lam), f"{self.name} (isaac fused woodbury)", self.events)
-            inv = torch.cholesky_inverse(mat) if kind == "chol" else mat
-            z = (inv @ xs).mul_(lam * math.sqrt(b))                         # lambda (lambda I + X X^T/b)^-1 X
-            return (gs.T @ z).to(dtype)
+            # K = lambda I + X X^T / b (R x R) in one product (no scaled copy of X: the 1/b goes on the R x R
+            # side); Cholesky reads one triangle, so K is symmetrized only on the fallback path. An explicit
+            # inverse from the factor is cheap (R^3) and turns the solve with n right-hand sides into one GEMM
+            # (cholesky_solve on a row-major (R, n) copies and is ~20x slower). zeta* = lambda G^T K^-1 X is
+            # associated as (G^T K^-1) X when d_out < n (d_out R^2 instead of n R^2 multiply-adds).
+            k = torch.addmm(self._eye(rows, xc), xc, xc.T, beta=lam, alpha=1.0 / b)
+            chol, info = torch.linalg.cholesky_ex(k)
+            if int(info) == 0 and bool(torch.isfinite(chol).all()):
+                inv = torch.cholesky_inverse(chol)
+            else:
+                kind, mat = _spd_factor(k, f"{self.name} (isaac fused woodbury)", self.events)
+                inv = torch.cholesky_inverse(mat) if kind == "chol" else mat
+            if gs.shape[1] < xc.shape[1]:
+                return ((gs.T @ inv).mul_(lam) @ xc).to(dtype)
+            return (gs.T @ (inv @ xc).mul_(lam)).to(dtype)
+        xs = xc / math.sqrt(b)
         factor = _spd_factor(add_diagonal(gram(xs), lam), f"{self.name} (isaac fused direct)", self.events)
-        return (_spd_solve(factor, (gs.T @ x.to(self.dtype)).T).T * lam).to(dtype)
+        return (_spd_solve(factor, (gs.T @ xc).T).T * lam).to(dtype)
+
+    def _eye(self, rows: int, like: torch.Tensor) -> torch.Tensor:
+        """The (rows, rows) identity in ``like``'s dtype and device, kept between steps (a constant)."""
+        eye = self._eyes.get(rows)
+        if eye is None or eye.dtype != like.dtype or eye.device != like.device:
+            eye = self._eyes[rows] = torch.eye(rows, dtype=like.dtype, device=like.device)
+        return eye
 
     def solve(self, mat: torch.Tensor) -> torch.Tensor:
         return mat                                   # the weight part already is the ISAAC direction

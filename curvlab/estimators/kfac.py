@@ -36,6 +36,7 @@ ALGORITHMS.md 7.2 hold); ASDL's "bias with G only" is not implemented.
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any
 
 import torch
@@ -45,6 +46,10 @@ from ..curvature import Curvature, Estimator
 from ..hyper import Option, one_of
 from ..linalg import add_diagonal, psd_eigh, spd_inverse
 from ..registry import register_estimator
+
+
+#: ``solve`` pads ``A_d^-1`` (and the gradient) to a multiple of PAD columns from PAD_MIN columns on
+PAD, PAD_MIN = 8, 128
 
 
 def trace_norm_pi(a: torch.Tensor, g: torch.Tensor) -> float:
@@ -67,6 +72,8 @@ class KroneckerCurvature(Curvature):
         super().__init__(*args, **kwargs)
         self.A: torch.Tensor | None = None
         self.G: torch.Tensor | None = None
+        self._padded: tuple[Any, torch.Tensor] | None = None    # (weak ref to A_inv, its padded copy)
+        self._owned: dict[str, Any] = {}           # weak references to the factors this object made (EMA in place)
         self.inverses: dict[str, torch.Tensor] = {}
         #: damping style of this layer (``config["damping_style"]`` unless a parameterization changes it)
         self.damping_style: str = self.config["damping_style"]
@@ -85,8 +92,18 @@ class KroneckerCurvature(Curvature):
         return {"A": a, "G": g}
 
     def accumulate(self, new: dict[str, torch.Tensor], ema_decay: float) -> None:
-        self.A = self.ema(self.A, new["A"], ema_decay)
-        self.G = self.ema(self.G, new["G"], ema_decay)
+        """EMA (eq. K.4). Factors this curvature made itself (the result of an earlier EMA) are updated in place,
+        with the arithmetic of :meth:`ema` and no new ``d x d`` tensor per factor and step; a factor that is the
+        caller's statistics tensor is never modified (the first EMA from it is out of place)."""
+        for key in ("A", "G"):
+            old = getattr(self, key)
+            mine = self._owned.get(key)
+            if old is not None and ema_decay != 0.0 and mine is not None and mine() is old:
+                value = old.mul_(ema_decay).add_(new[key], alpha=1.0 - ema_decay)
+            else:
+                value = self.ema(old, new[key], ema_decay)
+            setattr(self, key, value)
+            self._owned[key] = weakref.ref(value) if value is not new[key] else None
 
     def refresh(self, damping: float) -> None:
         if self.A is None or self.G is None:
@@ -128,11 +145,36 @@ class KroneckerCurvature(Curvature):
     def solve(self, mat: torch.Tensor) -> torch.Tensor:
         inv = self.inverses
         if "A_inv" in inv:
-            return inv["G_inv"] @ mat @ inv["A_inv"]
+            a_inv = inv["A_inv"]
+            padded = self._padded_inverse(a_inv)
+            if padded is None:
+                return inv["G_inv"] @ mat @ a_inv
+            wide = mat.new_zeros(mat.shape[0], padded.shape[0])
+            wide[:, :mat.shape[1]] = mat
+            return (inv["G_inv"] @ wide @ padded)[:, :mat.shape[1]]
         qa, qg = inv["QA"], inv["QG"]
         denom = inv["eG"].unsqueeze(1) * inv["eA"].unsqueeze(0) + inv["lam"]
         tiny = torch.finfo(denom.dtype).tiny ** 0.5
         return qg @ ((qg.T @ mat @ qa) / denom.clamp_min(tiny)) @ qa.T
+
+    def _padded_inverse(self, a_inv: torch.Tensor) -> torch.Tensor | None:
+        """``A_d^-1`` zero-padded to a multiple of ``PAD`` columns, or ``None`` when it needs none.
+
+        The same product: the padding rows and columns are zero, so ``G^-1 [V 0] pad(A^-1)`` restricted to the
+        first ``d`` columns is ``G^-1 V A^-1``. The point is speed: BLAS runs markedly slower on odd widths such as
+        the ``d_in + 1 = 785`` of a bias-carrying layer (one CPU thread: ``G V A`` 18.0 ms at 785 columns, 12.7 ms
+        padded to 792). Cached per inverse (refreshes make new ones)."""
+        d = a_inv.shape[0]
+        if d < PAD_MIN or d % PAD == 0:
+            return None
+        cached = self._padded
+        if cached is not None and cached[0]() is a_inv:
+            return cached[1]
+        size = -(-d // PAD) * PAD
+        padded = a_inv.new_zeros(size, size)
+        padded[:d, :d] = a_inv
+        self._padded = (weakref.ref(a_inv), padded)
+        return padded
 
     def mv(self, mat: torch.Tensor) -> torch.Tensor:
         return self.G @ mat @ self.A
@@ -156,6 +198,7 @@ class KroneckerCurvature(Curvature):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.A, self.G = state["A"], state["G"]
+        self._owned = {}                                      # loaded tensors belong to the caller
         self.inverses = dict(state["inverses"])
         self.damped = state.get("damped")
 

@@ -32,14 +32,17 @@ Storage modes (``miniblock_mode``, per layer; 3.2 (a)-(c)):
   ``ema_decay > 0`` needs ``miniblock_window >= 2`` (with one batch kept the EMA would be silently dropped: refused
   at construction, and ``"auto"`` then never picks Woodbury);
 * ``"chunked"``: the direct mode with every block split into contiguous chunks of ``<= miniblock_chunk``;
-* ``"auto"`` (default): direct if it fits ``miniblock_memory_mb``, else Woodbury if it applies and fits,
-  else chunked (the chunk halved until it fits). Decided at the first statistics step and logged.
+* ``"auto"`` (default): direct if it fits ``miniblock_memory_mb``, else Woodbury if it applies and fits (both
+  keep the paper's per-row blocks), else chunked, the chunk halved from ``miniblock_chunk`` until it fits the memory
+  budget AND its statistics cost at most ``miniblock_cost`` (default 1) times the layer's forward+backward work per
+  step, i.e. ``chunk <= 6 miniblock_cost stat_interval`` (:func:`curvlab.estimators.miniblock_layout.auto_chunk`;
+  the per-row blocks of a 784-wide layer at batch 1024 cost ~130 times that work per statistics step, so at
+  ``stat_interval=10`` the chunks are 32 wide). Decided at the first statistics step and logged.
 """
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -50,10 +53,9 @@ from ..hyper import FISHER_TYPES, HyperParameterError, Option, one_of, positive,
 from ..linalg import NumericsEvent, add_diagonal, batched_cholesky, chol_solve
 from ..registry import register_estimator
 from ..stats import LayerStats
+from .miniblock_layout import _CHUNK, Group, _column_span, _row_stats, _split, auto_chunk, build_layout  # noqa: F401
 
 log = logging.getLogger("curvlab")
-_CHUNK = 2 ** 23  # largest intermediate of the statistics, in elements
-_PACK_MIN_SIZE, _PACK_MIN_ROWS = 8, 256   # _row_stats packs blocks to their upper triangle from these on
 _INV_MAX = 32     # blocks up to this size keep their inverse (one bmm per solve), larger ones the Cholesky factor
 
 
@@ -71,54 +73,6 @@ def _drops_ema(cfg: dict[str, Any]) -> bool:
     return cfg["ema_decay"] > 0 and cfg["miniblock_window"] == 1
 
 
-# -- layouts ---------------------------------------------------------------------------------------------
-@dataclass
-class Group:
-    """Mini-blocks of one size ``m``: ``idx`` ``(B, m)`` indexes row-major ``vec(Wbar)``. ``cols`` ``(C, m)``
-    is set when every row has the same column chunks (then ``B = d_out C``, blocks ordered (row, chunk))."""
-
-    idx: Tensor
-    cols: Tensor | None
-
-
-def _split(t: Tensor, m: int) -> list[Tensor]:
-    """Split the rows of ``t`` ``(B, k)`` into contiguous pieces of ``<= m``: ``(B q, m)`` and ``(B, k - q m)``."""
-    b, k = t.shape
-    if k <= m:
-        return [t]
-    q = k // m
-    return [t[:, :q * m].reshape(b * q, m)] + ([t[:, q * m:]] if k > q * m else [])
-
-
-def _rows(cols: Tensor, d_out: int, width: int) -> Group:
-    idx = torch.arange(d_out).reshape(-1, 1, 1) * width + cols.unsqueeze(0)
-    return Group(idx.reshape(-1, cols.shape[1]), cols)
-
-
-def build_layout(weight_shape: torch.Size, shape: tuple[int, int], size: int | str | None, conv: str,
-                 chunk: int | None = None) -> list[Group]:
-    """The mini-block groups of a layer (see the module doc); ``chunk`` splits every block into ``<= chunk``."""
-    d_out, width = shape
-    style = conv if len(weight_shape) > 2 else ("layer" if size == "layer" else "rows")
-    if style == "layer":
-        groups = [Group(torch.arange(d_out * width).reshape(1, -1), None)]
-    else:
-        if style == "kernel":
-            c_in, k = weight_shape[1], math.prod(weight_shape[2:])
-            col_sets = [torch.arange(c_in * k).reshape(c_in, k)]
-            if width > c_in * k:
-                col_sets.append(torch.tensor([[width - 1]]))
-        else:
-            col_sets = [torch.arange(width).reshape(1, width)]
-            if style == "rows" and isinstance(size, int):
-                col_sets = _split(col_sets[0], size)
-        groups = [_rows(c, d_out, width) for c in col_sets]
-    if chunk is not None:
-        groups = [_rows(c, d_out, width) for g in groups if g.cols is not None for c in _split(g.cols, chunk)] + \
-                 [Group(i, None) for g in groups if g.cols is None for i in _split(g.idx, chunk)]
-    return groups
-
-
 # -- batched numerics ladder -----------------------------------------------------------------------------
 def _factor(damped: Tensor, layer: str, events: list[NumericsEvent]) -> Tensor:
     """What ``solve`` keeps of the damped blocks: the inverse for blocks up to ``_INV_MAX`` (on CPU, triangular
@@ -132,49 +86,6 @@ def _solve(factor: Tensor, rhs: Tensor) -> Tensor:
     if factor.shape[-1] <= _INV_MAX:
         return torch.bmm(factor, rhs.unsqueeze(-1)).squeeze(-1)
     return chol_solve(factor, rhs)
-
-
-def _row_stats(a: Tensor, g: Tensor, cols: Tensor) -> Tensor:
-    """``sum_n g_{n,i}^2 a_{n,c} a_{n,c}^T`` for every row ``i`` and column chunk ``c`` (eq. M.4 without 1/N):
-    ``(d_out C, m, m)`` from ``a`` ``(N, D)``, ``g`` ``(N, d_out)``; no per-example gradient is formed.
-
-    Blocks up to 256: one GEMM ``g^2^T Q`` with ``Q = a_c a_c^T`` flattened, packed to its upper triangle
-    (half the flops, but gathers of ``N C m^2/2`` entries against the GEMM's ``d_out`` times more work) when the
-    GEMM dominates (``d_out >= 256``, ``m >= 8``: measured 0.75-0.9x the time of the full product for 16-wide
-    blocks of a 512-row layer at ``N = 1024``, 0.5x for 128-wide); larger blocks:
-    per row ``(A diag(g_i^2))^T A`` as batched GEMMs over rows."""
-    (n, d_out), (c, m) = g.shape, cols.shape
-    g2 = g.square()
-    if m == 1:
-        return (g2.T @ a[:, cols[:, 0]].square()).reshape(-1, 1, 1)
-    if m <= 256 and (m < _PACK_MIN_SIZE or d_out < _PACK_MIN_ROWS):
-        out = a.new_zeros(d_out, c * m * m)
-        nc = -(-n // -(-n * c * m * m // _CHUNK))                                          # balanced chunks
-        for s in range(0, n, nc):
-            x = a[s:s + nc][:, cols]                                                       # (nc, C, m)
-            out.addmm_(g2[s:s + nc].T, (x.unsqueeze(-1) * x.unsqueeze(-2)).reshape(len(x), -1))
-        return out.view(-1, m, m)
-    if m <= 256:
-        iu = torch.triu_indices(m, m, device=a.device)
-        t = iu.shape[1]
-        packed = a.new_zeros(d_out, c, t)
-        cc, nc = max(1, _CHUNK // (n * t)), -(-n // -(-n * t // _CHUNK))          # balanced example chunks
-        for c0 in range(0, c, cc):
-            ac = a[:, cols[c0:c0 + cc]]                                                    # (N, cc, m)
-            for s in range(0, n, nc):
-                x = ac[s:s + nc]
-                q = torch.index_select(x, 2, iu[0]) * torch.index_select(x, 2, iu[1])      # packed a a^T
-                packed[:, c0:c0 + cc] += (g2[s:s + nc].T @ q.reshape(len(x), -1)).view(d_out, -1, t)
-        out, flat = a.new_empty(d_out * c, m * m), packed.view(-1, t)
-        out.index_copy_(1, iu[0] * m + iu[1], flat).index_copy_(1, iu[1] * m + iu[0], flat)
-        return out.view(-1, m, m)
-    ac = a[:, cols]                                                                        # (N, C, m)
-    at, an = ac.permute(1, 2, 0), ac.transpose(0, 1)                                      # (C, m, N), (C, N, m)
-    out = a.new_empty(d_out, c, m, m)
-    step = max(1, _CHUNK // (n * c * m))
-    for s in range(0, d_out, step):
-        out[s:s + step] = torch.matmul(at * g2[:, s:s + step].T[:, None, None, :], an)
-    return out.reshape(-1, m, m)
 
 
 def _block_damping(diag_mean: Tensor, damping: float, relative: bool) -> Tensor:
@@ -239,9 +150,8 @@ class MiniBlockCurvature(Curvature):
             elif rows and woodbury <= min(budget, direct(None)) and not _drops_ema(cfg):
                 mode = "woodbury"
             else:
-                mode, chunk = "chunked", cfg["miniblock_chunk"]
-                while chunk > 1 and direct(chunk) > budget:
-                    chunk //= 2
+                mode, chunk = "chunked", auto_chunk(cfg["miniblock_chunk"], direct, budget,
+                                                    cfg["miniblock_cost"], cfg["stat_interval"])
             log.info("curvlab miniblock: layer %r uses mode %r%s", self.name, mode,
                      f" (chunks of <= {chunk})" if chunk else "")
         if mode == "woodbury" and cfg["ema_decay"] > 0:
@@ -320,10 +230,19 @@ class MiniBlockCurvature(Curvature):
     # -- products ------------------------------------------------------------------------------------------
     def _apply(self, mats: list[Tensor], v: Tensor, op=lambda m, x: torch.bmm(m, x.unsqueeze(-1)).squeeze(-1)
                ) -> Tensor:
-        flat, out = v.reshape(-1), torch.empty(v.numel(), dtype=v.dtype, device=v.device)
+        """``op(block, v_block)`` for every group; a group of contiguous column chunks (every row cut the same
+        way) reads and writes its entries through a reshaped column slice of ``v`` instead of an index gather
+        and scatter (the same entries: row-major ``(row, chunk)`` order is the group's block order)."""
+        out = torch.empty(v.shape, dtype=v.dtype, device=v.device)            # contiguous, whatever v's strides
+        flat, out_flat = v.reshape(-1), out.view(-1)
         for gr, m in zip(self.groups, mats):
-            out[gr.idx] = op(m, flat[gr.idx])
-        return out.reshape(v.shape)
+            span = _column_span(gr)
+            if span is not None and v.dim() == 2 and v.shape[1] == self.shape[1]:
+                lo, hi = span
+                out[:, lo:hi] = op(m, v[:, lo:hi].reshape(gr.idx.shape)).view(v.shape[0], hi - lo)
+            else:
+                out_flat[gr.idx] = op(m, flat[gr.idx])
+        return out
 
     def solve(self, mat: Tensor) -> Tensor:
         """``(F + lambda)^-1 V`` block by block (eq. M.7); Woodbury (eq. M.9) in woodbury mode."""
@@ -393,6 +312,9 @@ class MiniBlock(Estimator):
                                  "storage/solve: by memory budget | stored blocks | Woodbury (eq. M.9) | chunked"),
         "miniblock_chunk": Option(128, positive_int, "largest block size of the chunked mode (m_max)"),
         "miniblock_memory_mb": Option(512.0, positive, "per-layer memory budget of miniblock_mode='auto' (MiB)"),
+        "miniblock_cost": Option(1.0, positive, "miniblock_mode='auto', when rows are chunked: the chunks' "
+                                                "statistics may cost at most this times the layer's forward+backward "
+                                                "work per step (chunk <= 6 * cost * stat_interval)"),
         "miniblock_window": Option(1, positive_int, "woodbury mode: statistics batches kept (truncated EMA)"),
         "miniblock_damping": Option("absolute", one_of("absolute", "relative"),
                                     "per block F_b + lambda I | F_b + lambda mean(diag F_b) I"),

@@ -53,7 +53,8 @@ from ..linalg import NumericsEvent, log, psd_eigh, symmetrize
 from ..registry import register_estimator
 from ..stats import LayerStats
 
-NEWTON_TOL = 1e-10        # stop the coupled Newton iteration when max|M - I| <= this
+NEWTON_TOL = 1e-10        # stop the coupled Newton iteration when max|M - I| <= this (float64)
+NEWTON_TOL_LOW = 1e-6     # ... in a lower precision (shampoo_newton_dtype="statistics"; ASDL's tolerance)
 NEWTON_MAX_ITERS = 100
 POWER_ITERS = 200         # power iterations for lambda_max in the Newton path
 
@@ -86,8 +87,9 @@ def lambda_max(a: torch.Tensor, iters: int = POWER_ITERS, rtol: float = 1e-13) -
     return lam
 
 
-def _newton_root(a: torch.Tensor, p: int, eps: float, top: float) -> torch.Tensor | None:
-    """``(a + eps I)^(-1/p)`` by the coupled Newton iteration; ``None`` if it does not reach NEWTON_TOL.
+def _newton_root(a: torch.Tensor, p: int, eps: float, top: float, tol: float = NEWTON_TOL) -> torch.Tensor | None:
+    """``(a + eps I)^(-1/p)`` by the coupled Newton iteration in ``a``'s dtype; ``None`` if it does not reach
+    ``tol``.
 
     ``X_0 = z^(1/p) I``, ``M_0 = z (a + eps I)``, ``z = (1 + p) / (2 lambda_max)``;
     ``T = ((p + 1) I - M) / p``, ``X <- X T``, ``M <- T^p M`` keeps ``M = X^p (a + eps I)``; ``M -> I``."""
@@ -97,7 +99,7 @@ def _newton_root(a: torch.Tensor, p: int, eps: float, top: float) -> torch.Tenso
     m = (a + eps * eye) * z
     err = float((m - eye).abs().max())
     for _ in range(NEWTON_MAX_ITERS):
-        if err <= NEWTON_TOL:
+        if err <= tol:
             break
         t = ((p + 1) * eye - m) / p
         m_new = torch.linalg.matrix_power(t, p) @ m
@@ -105,16 +107,19 @@ def _newton_root(a: torch.Tensor, p: int, eps: float, top: float) -> torch.Tenso
         if not err_new < float("inf") or (err < 1e-4 and err_new >= err):   # diverged, or stalled at rounding
             break
         x, m, err = x @ t, m_new, err_new
-    return symmetrize(x) if err <= NEWTON_TOL else None
+    return symmetrize(x) if err <= tol else None
 
 
 def inverse_root(mat: torch.Tensor, exponent: float, damping: float, *, relative: bool = True,
-                 method: str = "eigh", layer: str = "", events: list[NumericsEvent] | None = None
-                 ) -> torch.Tensor:
+                 method: str = "eigh", layer: str = "", events: list[NumericsEvent] | None = None,
+                 newton_dtype: str = "float64") -> torch.Tensor:
     """``(mat + eps I)^-exponent`` in float64 for a symmetric PSD ``mat`` (ALGORITHMS.md eq. S.4).
 
     ``eps = damping * lambda_max(mat)`` if ``relative`` else ``damping``. Damped eigenvalues at or below
-    ``n * eps_mach * lambda_max`` count as null directions (pseudo-inverse: root 0 there)."""
+    ``n * eps_mach * lambda_max`` count as null directions (pseudo-inverse: root 0 there). With
+    ``method="newton"`` and ``newton_dtype="statistics"`` the Newton iteration runs in ``mat``'s own dtype (to
+    max|M - I| <= NEWTON_TOL_LOW below float64; ASDL's convention, ~2.5x faster in float32 than float64 on a CPU);
+    a float64 ``mat`` is computed exactly as with ``"float64"``."""
     a = symmetrize(mat.double())
     n = a.shape[0]
     if method == "newton":
@@ -122,11 +127,13 @@ def inverse_root(mat: torch.Tensor, exponent: float, damping: float, *, relative
         eps = damping * top if relative else damping
         if top + eps == 0.0:
             return torch.zeros_like(a)
+        low = newton_dtype == "statistics" and mat.dtype != torch.float64
+        tol = NEWTON_TOL_LOW if low else NEWTON_TOL
         if top + eps > 0.0:
-            root = _newton_root(a, round(1.0 / exponent), eps, top)
+            root = _newton_root(symmetrize(mat) if low else a, round(1.0 / exponent), eps, top, tol)
             if root is not None:
-                return root
-        _note(events, layer, f"coupled Newton inverse root did not reach max|M - I| <= {NEWTON_TOL:g} "
+                return root.double()
+        _note(events, layer, f"coupled Newton inverse root did not reach max|M - I| <= {tol:g} "
                              f"in {NEWTON_MAX_ITERS} iterations (ill-conditioned or singular statistics); used eigh")
     evals, evecs = psd_eigh(a, layer, events)
     top = float(evals[-1])
@@ -223,7 +230,8 @@ class ShampooCurvature(Curvature):
             for side in "LR":
                 roots[side + key] = inverse_root(self.stats[side + key], e, damping, relative=relative,
                                                  method=method, layer=f"{self.name} ({side} block {key})",
-                                                 events=self.events).to(self.dtype)
+                                                 events=self.events,
+                                                 newton_dtype=self.config["shampoo_newton_dtype"]).to(self.dtype)
         if self.has_bias:
             step, ridge = self.bias_scale
             root = diag_inverse_root(self.stats["bias"], 2 * e, damping * ridge, relative)
@@ -312,6 +320,9 @@ class Shampoo(Estimator):
                                      "'ema': fold L, R with ema_decay; 'sum': AdaGrad-style running sum (eq. S.1)"),
         "shampoo_root_method": Option("eigh", one_of("eigh", "newton"),
                                       "inverse roots by float64 eigh or the coupled Newton iteration"),
+        "shampoo_newton_dtype": Option("float64", one_of("float64", "statistics"),
+                                       "shampoo_root_method='newton': iterate in float64 (to max|M - I| <= 1e-10) "
+                                       "or in the statistics' dtype (to 1e-6 below float64: ASDL's convention)"),
         "shampoo_epsilon": Option("relative", one_of("relative", "absolute"),
                                   "ridge eps = damping * lambda_max (relative) or damping (absolute)"),
         "shampoo_grafting": Option(None, _grafting, "None, 'sgd' or 'adagrad': per-layer norm of the step"),

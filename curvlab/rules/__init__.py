@@ -18,14 +18,50 @@ from ..units import Unit
 
 @dataclass
 class Plan:
-    """``p += delta`` for every update, then ``state[p][key] = value`` for every state entry."""
+    """``state[p][key] = value`` for every state entry, then ``p += delta`` for every update and
+    ``p += alpha * t`` for every scaled update.
+
+    ``scaled`` (``(p, t, alpha)``) lets a rule hand over a tensor it keeps anyway (the new momentum buffer)
+    with the step length as a number, instead of materializing ``alpha * t``: the optimizer applies those in
+    one ``torch._foreach_add_`` per distinct ``alpha`` (the pass and the allocation ``delta = -lr * buf`` cost are
+    saved). ``alpha`` must be finite; :meth:`deltas` gives every update as a tensor for code that needs them.
+    """
 
     updates: list[tuple[torch.nn.Parameter, torch.Tensor]] = field(default_factory=list)
     state: list[tuple[torch.nn.Parameter, str, torch.Tensor]] = field(default_factory=list)
+    scaled: list[tuple[torch.nn.Parameter, torch.Tensor, float]] = field(default_factory=list)
 
     def tensors(self):
-        yield from (d for _, d in self.updates)
-        yield from (v for _, _, v in self.state)
+        """Every tensor the plan would write (the NaN/Inf check of the step), each distinct one once."""
+        seen: set[int] = set()
+        for t in (*(d for _, d in self.updates), *(v for _, _, v in self.state), *(t for _, t, _ in self.scaled)):
+            if id(t) not in seen:
+                seen.add(id(t))
+                yield t
+
+    def params(self):
+        """The parameters this plan moves (plain and scaled updates)."""
+        yield from (p for p, _ in self.updates)
+        yield from (p for p, _, _ in self.scaled)
+
+    def deltas(self):
+        """``(p, delta)`` for every update, scaled ones materialized (``alpha * t``)."""
+        yield from self.updates
+        yield from ((p, t * alpha) for p, t, alpha in self.scaled)
+
+    def apply(self, state: dict[torch.nn.Parameter, dict[str, Any]]) -> None:
+        """Commit: write the state entries, then add the updates to the parameters."""
+        for p, key, value in self.state:
+            state[p][key] = value
+        for p, delta in self.updates:
+            p.add_(delta)
+        by_alpha: dict[float, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        for p, t, alpha in self.scaled:
+            ps, ts = by_alpha.setdefault(alpha, ([], []))
+            ps.append(p)
+            ts.append(t)
+        for alpha, (ps, ts) in by_alpha.items():
+            torch._foreach_add_(ps, ts, alpha=alpha)
 
 
 class UpdateRule:

@@ -66,20 +66,47 @@ class NaturalGradient(UpdateRule):
                       keep_buffer: bool) -> Plan:
         """``m <- mu m + scale d`` (first step ``m = scale d``), ``theta <- theta - lr m`` (+ decoupled decay).
 
-        The buffer lives in ``state[p][key]``; with ``mu = 0`` it is kept only if ``keep_buffer``."""
+        The buffer lives in ``state[p][key]``; with ``mu = 0`` it is kept only if ``keep_buffer``. The new
+        buffers are computed out of place (the plan is checked before anything is written) with one
+        ``torch._foreach_*`` call per group of tensors sharing ``mu`` (not one small kernel per tensor), and the
+        step is handed over as ``(p, m, -lr)`` (:attr:`Plan.scaled`) instead of a materialized ``-lr m``.
+        Same arithmetic as the per-tensor reference ``d * scale + mu m`` then ``p += -lr m``.
+        """
         plan = Plan()
         decoupled = self.config["weight_decay_style"] == "decoupled"
+        fresh: list[tuple[torch.nn.Parameter, torch.Tensor, float, bool]] = []    # (p, d, -lr, store m = scale d?)
+        carried: dict[float, list[tuple[torch.nn.Parameter, torch.Tensor, torch.Tensor, float]]] = {}
         for unit, _, direction in dirs:
             lr, mu, wd = unit.hyper("lr"), unit.hyper("momentum"), unit.hyper("weight_decay")
+            keep = bool(mu or keep_buffer)
             for p, d in zip(unit.params, direction):
-                if scale != 1.0:
-                    d = d * scale
-                if mu or keep_buffer:
-                    buf = state.get(p, {}).get(key)
-                    d = d.clone() if buf is None else torch.add(d, buf, alpha=mu)
-                    plan.state.append((p, key, d))
-                delta = d * (-lr)
-                if decoupled and wd:
-                    delta = delta.add(p, alpha=-lr * wd)
-                plan.updates.append((p, delta))
+                buf = state.get(p, {}).get(key) if keep else None
+                if decoupled and wd:                   # rare: the per-tensor form, decay on the old theta
+                    m = d * scale if scale != 1.0 else d
+                    if keep:
+                        m = m.clone() if buf is None and scale == 1.0 else (m if buf is None else m.add(buf, alpha=mu))
+                        plan.state.append((p, key, m))
+                    plan.updates.append((p, (m * (-lr)).add_(p, alpha=-lr * wd)))
+                elif buf is None:
+                    fresh.append((p, d, -lr, keep))
+                else:
+                    carried.setdefault(mu, []).append((p, d, buf, -lr))
+        if fresh:
+            ps, ds, alphas, keeps = zip(*fresh)
+            news = torch._foreach_mul(list(ds), scale) if scale != 1.0 else list(ds)
+            for p, d, m, alpha, keep in zip(ps, ds, news, alphas, keeps):
+                if keep:
+                    m = d.clone() if m is d else m             # never store (or later mutate) the gradient itself
+                    plan.state.append((p, key, m))
+                plan.scaled.append((p, m, alpha))
+        for mu, entries in carried.items():
+            ps, ds, bufs, alphas = zip(*entries)
+            if scale != 1.0:
+                news = torch._foreach_mul(list(ds), scale)
+                torch._foreach_add_(news, list(bufs), alpha=mu)
+            else:
+                news = torch._foreach_add(list(ds), list(bufs), alpha=mu)
+            for p, m, alpha in zip(ps, news, alphas):
+                plan.state.append((p, key, m))
+                plan.scaled.append((p, m, alpha))
         return plan

@@ -29,7 +29,7 @@ import torch
 from ..hyper import Option, one_of
 from ..registry import register_rule
 from ..stats import LayerStats
-from ..units import Unit, inner
+from ..units import Unit, global_norm
 from . import Plan
 from .natural import NaturalGradient
 
@@ -66,5 +66,5 @@ class SNGM(NaturalGradient):
         dirs = self.directions(units, stats)
         if not dirs:
             return Plan()
-        norm = torch.sqrt(sum(unit.norm_weight ** 2 * inner(d, d) for unit, _, d in dirs))
+        norm = global_norm([(unit.norm_weight, d) for unit, _, d in dirs])
         return self.momentum_plan(dirs, state, 1.0 / float(norm.clamp_min(EPS)), "sngm_momentum", keep_buffer=True)
