@@ -43,29 +43,39 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from curvlab import width_transfer as wt  # noqa: E402
 from curvlab.figures import paper_mode_parser  # noqa: E402
+from curvlab.width_tuning import run_tuned_width_transfer  # noqa: E402
+
+def _grid(lo: int, hi: int) -> list[float]:
+    """The lr grid shared by every method: ``2**k`` for ``k = lo .. hi``."""
+    return [2.0 ** k for k in range(lo, hi + 1)]
+
 
 MODES: dict[str, dict[str, Any]] = {
-    "tiny": {"widths": [16, 32], "num_train": 256, "num_test": 128, "pool": 4, "epochs": 1.0, "seeds": 1,
-             "lr_points": 3, "lr_spacing": 4.0, "batch_size": 64},
+    "tiny": {"widths": [16, 32], "num_train": 320, "num_test": 128, "pool": 4, "epochs": 1.0, "seeds": 1,
+             "lrs": _grid(-4, -2), "batch_size": 64, "trials": 2, "test_seeds": 1, "coord_widths": [16, 32]},
     "quick": {"widths": [32, 64, 128, 256], "num_train": 6000, "num_test": 2000, "pool": 2, "epochs": 3.0,
-              "seeds": 1, "lr_points": 7, "lr_spacing": 2.0, "batch_size": 128},
+              "seeds": 2, "lrs": _grid(-7, 1), "batch_size": 128, "trials": 8, "test_seeds": 3,
+              "coord_widths": [64, 128, 256, 512, 1024]},
     "full": {"widths": [64, 128, 256, 512, 1024, 2048], "num_train": None, "num_test": None, "pool": 1,
-             "epochs": 2.0, "seeds": 3, "lr_points": 9, "lr_spacing": 2.0, "batch_size": 128},
+             "epochs": 2.0, "seeds": 3, "lrs": _grid(-8, 2), "batch_size": 128, "trials": 20, "test_seeds": 3,
+             "coord_widths": [64, 128, 256, 512, 1024, 2048]},
 }
 ESTIMATORS = ["kfac", "shampoo", "identity"]
 SCALINGS = ["standard", "mup"]
+#: shared by every tuned setting: K-FAC's per-side ridge (and muP's rho_B0), Shampoo's relative epsilon
+DAMPING_RANGE = (1e-4, 1.0)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = paper_mode_parser(__doc__.split("\n\n")[0], "out/paper_figures/mup")
     args = p.parse_args(argv)
-    settings = dict(MODES[args.mode], estimators=ESTIMATORS, scalings=SCALINGS, lrs=None, base_width=None, loss="mse",
-                    sp_init="matched", data_dir=args.data_dir, device=args.device, seed=args.seed)
-    numbers = wt.run_width_transfer(settings, args.out, stem="mup_width_transfer", progress=args.mode != "tiny",
-                                    title=f"Ishikawa & Karakida (ICLR 2024) Fig. 6-like lr transfer ({args.mode})")
-    return numbers
+    settings = dict(MODES[args.mode], estimators=ESTIMATORS, scalings=SCALINGS, lr_spacing=2.0, loss="mse",
+                    sp_init="matched", val_fraction=0.2, sampler="qmc", damping_range=DAMPING_RANGE,
+                    data_dir=args.data_dir, device=args.device, seed=args.seed)
+    return run_tuned_width_transfer(settings, args.out, stem="mup_width_transfer", progress=args.mode != "tiny",
+                                    title=f"Ishikawa & Karakida (ICLR 2024) Fig. 6-like lr transfer, damping "
+                                          f"tuned at the base width ({args.mode})")
 
 
 if __name__ == "__main__":
