@@ -180,15 +180,16 @@ def transfer_claims(summary: dict[str, dict[str, Any]], estimators: Sequence[str
 
 
 def format_claims(claims: dict[str, dict[str, Any]], label: str) -> str:
+    """:func:`transfer_claims` as text, one line per estimator."""
     lines = [f"claim 'the optimal lr transfers across widths under muP, not under SP' ({label}):"]
     for est, c in claims.items():
         if c["verdict"] == "untested":
             lines.append(f"  {est:<10} untested (a row is missing or every lr diverged at some width)")
             continue
-        lr = c["best_lr"]
-        lines.append(f"  {est:<10} {c['verdict']:<15} muP best lr {lr['mup']} (max |shift| "
-                     f"{c['max_abs_shift_steps']['mup']:.0f} steps), SP {lr['standard']} (max |shift| "
-                     f"{c['max_abs_shift_steps']['standard']:.0f} steps{', diverges at muP best lr' if c['sp_diverges_at_mup_best_lr'] else ''})")
+        lr, steps = c["best_lr"], c["max_abs_shift_steps"]
+        breaks = ", diverges at muP's best lr" if c["sp_diverges_at_mup_best_lr"] else ""
+        lines.append(f"  {est:<10} {c['verdict']:<15} muP best lr {lr['mup']} (max |shift| {steps['mup']:.0f} "
+                     f"steps), SP {lr['standard']} (max |shift| {steps['standard']:.0f} steps{breaks})")
     return "\n".join(lines)
 
 

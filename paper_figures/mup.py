@@ -55,7 +55,7 @@ MODES: dict[str, dict[str, Any]] = {
     "tiny": {"widths": [16, 32], "num_train": 320, "num_test": 128, "pool": 4, "epochs": 1.0, "seeds": 1,
              "lrs": _grid(-4, -2), "batch_size": 64, "trials": 2, "test_seeds": 1, "coord_widths": [16, 32]},
     "quick": {"widths": [32, 64, 128, 256], "num_train": 6000, "num_test": 2000, "pool": 2, "epochs": 3.0,
-              "seeds": 2, "lrs": _grid(-7, 1), "batch_size": 128, "trials": 8, "test_seeds": 3,
+              "seeds": 2, "lrs": _grid(-9, 1), "batch_size": 128, "trials": 8, "test_seeds": 3,
               "coord_widths": [64, 128, 256, 512, 1024]},
     "full": {"widths": [64, 128, 256, 512, 1024, 2048], "num_train": None, "num_test": None, "pool": 1,
              "epochs": 2.0, "seeds": 3, "lrs": _grid(-8, 2), "batch_size": 128, "trials": 20, "test_seeds": 3,
