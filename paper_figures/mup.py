@@ -38,7 +38,7 @@ paper_figures/README.md "Width transfer"; one grid step = x2, and with 2 seeds a
 | SGD: the optimal lr transfers under muP, not under SP | reproduced (train loss); partly (validation) | best lr by train loss at 32/64/128/256: muP 1/1/1/2 (lr 1 within 2% at 256), SP 1/1/1/0.5, SP's lr 1 six times worse at 256 and lr 2 diverging from 128; by validation loss muP 1/2/1/1, SP 1/1/1/0.5 |
 | K-FAC: the same | not reproduced (validation); partly (train) | tuned muP rho_B0 = 1e-4 (low edge of its range), rho_A0 0.028; muP best lr 0.0156/0.0156/0.0078/0.0078 (train), 0.0156/0.0078/0.0078/0.0039 (validation): its largest stable lr halves per width doubling from 64 (0.031) to 256 (0.0078). SP (damping 0.07 per side) 0.5/0.5/0.5/0.25, every best lr the largest stable one |
 | Shampoo: the same | partly | muP 0.0156 at every width by validation loss (train: 0.031 at 128); SP 0.0156/0.0156/0.031/0.0156 (validation), .../0.031/0.031 (train): both within one step |
-| muP beats SP at every width above the base, and improves with width | reproduced | train loss at 256, muP vs SP: SGD 0.0099 vs 0.0121, K-FAC 0.0021 vs 0.0068, Shampoo 0.0133 vs 0.0172 (validation 0.0127 vs 0.0149, 0.0111 vs 0.0148, 0.0151 vs 0.0197); muP monotone in width except Shampoo 0.0130 -> 0.0133 at 256; SP's Shampoo and SGD stall |
+| muP beats SP at every width above the base, and improves with width | reproduced for SGD and Shampoo; partly for K-FAC (below) | train loss at 256, muP vs SP: SGD 0.0099 vs 0.0121, K-FAC 0.0021 vs 0.0068, Shampoo 0.0133 vs 0.0172 (validation 0.0127 vs 0.0149, 0.0111 vs 0.0148, 0.0151 vs 0.0197); muP monotone in width except Shampoo 0.0130 -> 0.0133 at 256; SP's Shampoo and SGD stall |
 | coordinate check with biases: flat under muP, not under SP | reproduced | max/min RMS change over widths 64..1024 (input/hidden/output): muP K-FAC 1.13/1.13/1.06, Shampoo 1.01/1.16/1.10, SGD 1.11/1.08/1.32; SP K-FAC 3.54/1.15/3.51, Shampoo 1.30/1.19/2.67, SGD 3.32/2.61/11.9 |
 
 Damping diagnostic: the tuned SP K-FAC damping (width-independent, 0.07 per side) swamps the G factors (damping /
@@ -47,6 +47,14 @@ width 32 to 256, growing with width: SP K-FAC is SGD-like on the G side); muP's 
 the mean eigenvalue (<= 0.95) at every width. Tuned at width 32 (validation MSE; test MSE over 3 seeds): K-FAC SP
 0.0152 (0.0229 +- 0.0011), K-FAC muP 0.0149 (0.0212 +- 0.0006), Shampoo 0.0190 (0.0275 +- 0.0014), SGD 0.0174
 (0.0243 +- 0.0000).
+
+Robustness of the K-FAC rows (a second, K-FAC-only quick run, same protocol and 8 trials, damping ranges widened to
+[1e-6, 1]; ``out/kfac_wide`` in the worktree that made it): the 8 QMC trials then drew a different optimum (SP lr
+0.088, damping 0.020; muP lr 0.29, rho_A0 0.029, rho_B0 0.057: none on an edge; validation MSE 0.0142 / 0.0143),
+and both scalings' best lr again drifted down one step at 256 (train loss: muP 0.25 -> 0.125, SP 0.125 -> 0.0625;
+validation: muP 0.5 -> 0.125, SP 0.125 -> 0.0625): the K-FAC verdict holds. muP's advantage over SP did not: train
+loss at 32 / 64 / 128 / 256 muP 0.0106 / 0.0081 / 0.0061 / 0.0046, SP 0.0100 / 0.0081 / 0.0062 / 0.0049
+(validation at 256: 0.0118 vs 0.0137), so the 3x gap at 256 of the main run comes with its almost undamped G side.
 
 What changed from the previous (untuned) run and why: damping is no longer fixed (K-FAC 0.03, Shampoo 0.03) but
 tuned at the base width with the same 8 trials per method and selected on validation data; one lr grid for all
