@@ -31,7 +31,16 @@ first ``num_eval`` examples) is recorded; the smoothed loss ``S`` is the trailin
     OMP_NUM_THREADS=1 python analysis/damping.py --mode quick --rule qmodel --out out/damping_qmodel   # ~40 min
 
 ``--rule qmodel`` (lr 1.0, the rule's default; momentum is the rule's own) runs the same protocol with the rule the
-LM adaptation was designed for (Martens & Grosse 2015 sec. 6.5-7). Writes ``damping.png``/``.pdf`` (per
+LM adaptation was designed for (Martens & Grosse 2015 sec. 6.5-7). ``--mechanism`` adds to the adaptive runs
+(only): ``lm+gamma`` the curvature's own damping gamma (``gamma_adapt``, sec. 6.6), ``lm+refresh``
+(``damping_refresh``), or both; ``--rho next`` gives the adaptive runs ``damping_rho="next"`` (rho's actual
+change measured on the next step's batch, a held-out ratio; :mod:`curvlab.damping`); ``--kl-clip default|<number>`` gives EVERY run (fixed ones too) a trust region
+(default: the estimators' suggested ``kl_clip``, None). ``--mode small`` (MNIST 4096, width 64, 300 steps) is a
+screen of ~5 min; ``--reuse-fixed old/damping.json`` takes the fixed runs from an earlier output of the same
+settings. The paper's full method, which reaches L* in 5 of 6 cases of the small screen::
+
+    OMP_NUM_THREADS=1 python analysis/damping.py --mode quick --rule qmodel --kl-clip default --mechanism lm+gamma
+ Writes ``damping.png``/``.pdf`` (per
 estimator: loss over steps, fixed grid thin and adaptive thick; damping and rho of the adaptive runs) and
 ``damping.json`` (config, every run's curve and damping history, the table). Measured numbers: analysis/README.md.
 """
@@ -57,6 +66,9 @@ from curvlab.models import mlp  # noqa: E402
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"num_train": 512, "num_eval": 256, "width": 32, "batch": 64, "steps": 20, "eval_every": 5,
              "grid": [1e-4, 1e-2, 1.0], "starts": [1e-4, 1.0], "estimators": ["kfac", "shampoo", "miniblock"]},
+    "small": {"num_train": 4096, "num_eval": 2048, "width": 64, "batch": 64, "steps": 300, "eval_every": 10,
+              "grid": [1e-4, 1e-3, 1e-2, 1e-1, 1.0], "starts": [1e-4, 1.0],
+              "estimators": ["kfac", "shampoo", "miniblock"]},
     "quick": {"num_train": 15000, "num_eval": 5000, "width": 256, "batch": 128, "steps": 800, "eval_every": 20,
               "grid": [1e-4, 1e-3, 1e-2, 1e-1, 1.0], "starts": [1e-4, 1.0],
               "estimators": ["kfac", "shampoo", "miniblock"]},
@@ -69,6 +81,15 @@ CLAIM_RATIO = 1.5        # the claim: adaptive reaches L* within 1.5x the best f
 SMOOTH = 3               # trailing window (in evaluations) of the smoothed loss
 RHO_CLIP = 30.0          # the rho panel shows values clipped to [-30, 30] (-inf: a non-finite loss after the step)
 EXTRA = {"miniblock": {"miniblock_mode": "woodbury", "miniblock_window": 1, "ema_decay": 0.0}}   # one batch: no EMA
+#: ``--mechanism``: what the adaptive runs add to ``damping_adapt="lm"`` (the fixed grid never changes)
+MECHANISMS: dict[str, dict[str, Any]] = {
+    "lm": {},
+    # Martens & Grosse sec. 6.6: the curvature's own damping gamma, chosen greedily by M every T2 = 20 steps
+    "lm+gamma": {"gamma_adapt": True},
+    # the curvature refreshed at once when the LM damping moved (the curvature sees a new damping the next step)
+    "lm+refresh": {"damping_refresh": True},
+    "lm+gamma+refresh": {"gamma_adapt": True, "damping_refresh": True},
+}
 
 
 def smooth(values: list[float], window: int = SMOOTH) -> list[float]:
@@ -76,9 +97,15 @@ def smooth(values: list[float], window: int = SMOOTH) -> list[float]:
     return [sum(values[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(values))]
 
 
-def hyper_for(estimator: str, rule: str) -> dict[str, Any]:
-    """The estimator's suggested hyper-parameters without its damping (the rule qmodel: lr 1.0, no momentum)."""
+def hyper_for(estimator: str, rule: str, kl_clip: str = "suggested") -> dict[str, Any]:
+    """The estimator's suggested hyper-parameters without its damping (the rule qmodel: lr 1.0, no momentum);
+    ``kl_clip``: ``"suggested"`` (the estimator's, None for the three here), ``"default"`` (the library default of
+    the triple: 1e-3 under natural, qmodel's 1e-2) or a number."""
     hyper = {k: v for k, v in curvlab.ESTIMATORS.get(estimator).suggested.items() if k != "damping"}
+    if kl_clip == "default":
+        hyper.pop("kl_clip", None)
+    elif kl_clip != "suggested":
+        hyper["kl_clip"] = float(kl_clip)
     if rule == "qmodel":
         hyper["lr"] = 1.0
         hyper.pop("momentum", None)
@@ -86,14 +113,16 @@ def hyper_for(estimator: str, rule: str) -> dict[str, Any]:
 
 
 def train(estimator: str, rule: str, damping: float, adaptive: bool, data: dict[str, Any], cfg: dict[str, Any],
-          steps: int, seed: int) -> dict[str, Any]:
+          steps: int, seed: int, mechanism: str = "lm", rho: str = "same") -> dict[str, Any]:
     """One run in the closure loop; returns its evaluated curve and (adaptive) damping history."""
     x, y, x_eval, y_eval = data["x"], data["y"], data["x_eval"], data["y_eval"]
     torch.manual_seed(seed)
     model = mlp(x.shape[1], cfg["width"], 2, data["classes"], "relu").to(x.device)
-    hyper = hyper_for(estimator, rule)
+    hyper = hyper_for(estimator, rule, cfg.get("kl_clip", "suggested"))
     opt = curvlab.optimizer(model, estimator, rule, seed=seed, damping=damping,
-                            damping_adapt="lm" if adaptive else None, **hyper)
+                            damping_adapt="lm" if adaptive else None, **(MECHANISMS[mechanism] if adaptive else {}),
+                            **({"damping_rho": rho} if adaptive else {}),
+                            **hyper)
 
     def evaluate() -> float:
         with torch.no_grad(), curvlab.capture.paused():
@@ -130,7 +159,8 @@ def train(estimator: str, rule: str, damping: float, adaptive: bool, data: dict[
             "lr": hyper["lr"], "steps": curve_steps, "loss": losses, "smoothed": smooth(losses),
             "diverged": error is not None, "error": error, "steps_run": steps, "optimizer_steps": opt.step_count,
             "skipped_steps": opt.skipped_steps, "final_damping": opt.param_groups[0]["damping"],
-            "damping_history": history}
+            "final_gamma": opt.param_groups[0].get("gamma"), "damping_history": history,
+            "gamma_history": [{k: h[k] for k in ("step", "gamma", "choice")} for h in opt.gamma_history]}
 
 
 def final_smoothed(run: dict[str, Any]) -> float:
@@ -169,7 +199,7 @@ def summarize(estimator: str, fixed: list[dict[str, Any]], adaptive: list[dict[s
             "estimator": estimator, "start": run["start_damping"], "steps_to_L*": reached, "best_fixed_steps": best_steps,
             "ratio": ratio, "within_1.5x": ratio is not None and ratio <= CLAIM_RATIO,
             "final_loss": final_smoothed(run) if math.isfinite(final_smoothed(run)) else None,
-            "final_damping": run["final_damping"],
+            "final_damping": run["final_damping"], "final_gamma": run.get("final_gamma"),
             "min_damping": min([run["start_damping"]] + [h["damping"] for h in run["damping_history"]]),
             "max_damping": max([run["start_damping"]] + [h["damping"] for h in run["damping_history"]]),
             "best_fixed_damping": result["best_damping"],
@@ -215,6 +245,10 @@ def plot(results: dict[str, dict[str, Any]], summaries: dict[str, dict[str, Any]
             hist = run["damping_history"]
             ax_damp.plot([0] + [h["step"] + 1 for h in hist], [run["start_damping"]] + [h["damping"] for h in hist],
                          lw=2, color=color, label=label)
+            if run.get("gamma_history"):
+                ax_damp.plot([0] + [h["step"] + 1 for h in run["gamma_history"]],
+                             [run["start_damping"]] + [h["gamma"] for h in run["gamma_history"]], lw=1.2, ls="--",
+                             color=color, label=f"gamma from {run['start_damping']:g}")
             ax_rho.plot([h["step"] + 1 for h in hist], [min(max(h["rho"], -RHO_CLIP), RHO_CLIP) for h in hist], ".",
                         ms=3, color=color, label=label)
         if summ["target_loss"] is not None:
@@ -231,7 +265,7 @@ def plot(results: dict[str, dict[str, Any]], summaries: dict[str, dict[str, Any]
         ax_loss.set_ylabel("train loss (eval subset, smoothed)")
         ax_loss.legend(fontsize=6)
         ax_damp.set_yscale("log")
-        ax_damp.set_ylabel("damping (dotted: fixed grid)")
+        ax_damp.set_ylabel("damping lambda (dotted: fixed grid;\ndashed: curvature's gamma)", fontsize=8)
         ax_damp.legend(fontsize=6)
         ax_rho.set_yscale("symlog", linthresh=0.1)
         for level in (0.25, 0.75, 1.0):
@@ -245,17 +279,48 @@ def plot(results: dict[str, dict[str, Any]], summaries: dict[str, dict[str, Any]
     save_figure(fig, out, "damping")
 
 
+def reusable_fixed(path: str, cfg: dict[str, Any], args: Any, dataset: str) -> dict[str, dict[str, Any]]:
+    """``{estimator: {str(damping): run}}`` of the fixed runs in an earlier ``damping.json``; ValueError naming the
+    first setting that differs (mode, rule, seed, data set or any preset value)."""
+    import json
+
+    old = json.loads(Path(path).read_text())
+    mine = {"mode": args.mode, "rule": args.rule, "seed": args.seed, "dataset": dataset,
+            **{k: v for k, v in cfg.items() if k not in ("starts", "estimators")}}
+    theirs = {"mode": old["mode"], "dataset": old["dataset"], **old["config"]}
+    for key, value in mine.items():
+        if theirs.get(key) != value:
+            raise ValueError(f"--reuse-fixed {path}: its {key} is {theirs.get(key)!r}, this run's {value!r}")
+    return {est: {str(r["start_damping"]): r for r in res["fixed"]} for est, res in old["estimators"].items()
+            if all(str(d) in {str(r["start_damping"]) for r in res["fixed"]} for d in cfg["grid"])}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = paper_mode_parser(__doc__.split("\n\n")[0], "out/damping")
+    next(a for a in p._actions if a.dest == "mode").choices = tuple(PRESETS)     # + small: a screen of minutes
     p.add_argument("--estimators", default=None, help="comma-separated (default: kfac,shampoo,miniblock)")
     p.add_argument("--rule", default="natural", choices=("natural", "qmodel"))
     p.add_argument("--steps", type=int, default=None, help="fixed budget B (default by mode)")
+    p.add_argument("--reuse-fixed", default=None, metavar="JSON",
+                   help="take the fixed-grid runs from an earlier damping.json of the same mode, rule, data and seed "
+                        "(they do not depend on --mechanism)")
+    p.add_argument("--kl-clip", default="suggested",
+                   help="trust region of EVERY run (fixed and adaptive): 'suggested' (the estimators' suggested "
+                        "kl_clip, None; the default), 'default' (the library default: natural 1e-3, qmodel 1e-2) "
+                        "or a number")
+    p.add_argument("--mechanism", default="lm", choices=tuple(MECHANISMS),
+                   help="what the adaptive runs add to damping_adapt='lm' (lm+gamma: Martens & Grosse's gamma rule)")
+    p.add_argument("--rho", default="same", choices=("same", "next"),
+                   help="the adaptive runs' damping_rho: rho's actual loss change on the step's own batch ('same') or "
+                        "on the next step's batch ('next', a held-out ratio)")
     args = p.parse_args(argv)
     cfg = dict(PRESETS[args.mode])
     if args.estimators:
         cfg["estimators"] = args.estimators.split(",")
     if args.steps:
         cfg["steps"] = args.steps
+    if args.kl_clip != "suggested":
+        cfg["kl_clip"] = args.kl_clip
     device = torch.device(args.device)
     split, name = mnist_or_fallback(args.data_dir, num_train=cfg["num_train"], num_test=1)
     x, y = split.x_train.flatten(1).to(device), split.y_train.to(device)
@@ -268,28 +333,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"[{args.mode}] {name}: {len(x)} training examples (eval subset {len(data['x_eval'])}), MLP "
           f"{x.shape[1]}-{cfg['width']}-{cfg['width']}-{split.num_classes} ReLU, batch {cfg['batch']}, rule "
           f"{args.rule}; fixed grid {cfg['grid']} for {cfg['steps']} steps, LM from {cfg['starts']} for "
-          f"{adaptive_steps} steps (interval {interval}, omega {omega:.4f})")
+          f"{adaptive_steps} steps (interval {interval}, omega {omega:.4f}, mechanism {args.mechanism}, rho {args.rho})")
     results, summaries = {}, {}
+    reused = reusable_fixed(args.reuse_fixed, cfg, args, name) if args.reuse_fixed else {}
     for est in cfg["estimators"]:
         fixed = []
         for d in cfg["grid"]:
-            fixed.append(train(est, args.rule, d, False, data, cfg, cfg["steps"], args.seed))
+            fixed.append(reused[est][str(d)] if est in reused else
+                         train(est, args.rule, d, False, data, cfg, cfg["steps"], args.seed))
             print(f"  {est} fixed {d:g}: final smoothed loss {final_smoothed(fixed[-1]):.4g}"
                   + (f"  [{fixed[-1]['error']}]" if fixed[-1]["diverged"] else ""), flush=True)
         adaptive = []
         for d in cfg["starts"]:
-            adaptive.append(train(est, args.rule, d, True, data, cfg, adaptive_steps, args.seed))
+            adaptive.append(train(est, args.rule, d, True, data, cfg, adaptive_steps, args.seed, args.mechanism,
+                                  args.rho))
             print(f"  {est} LM from {d:g}: final smoothed loss {final_smoothed(adaptive[-1]):.4g}, damping "
                   f"{adaptive[-1]['final_damping']:.3g}" + (f"  [{adaptive[-1]['error']}]" if adaptive[-1]["diverged"]
                                                            else ""), flush=True)
-        results[est] = {"lr": fixed[0]["lr"], "rule": args.rule, "hyper": hyper_for(est, args.rule),
+        results[est] = {"lr": fixed[0]["lr"], "rule": args.rule,
+                        "hyper": hyper_for(est, args.rule, cfg.get("kl_clip", "suggested")),
                         "fixed": fixed, "adaptive": adaptive}
         summaries[est] = summarize(est, fixed, adaptive, interval, omega)
     rows = [r for s in summaries.values() for r in s["rows"]]
     print(f"\nL* = the best fixed damping's final smoothed loss after {cfg['steps']} steps; ratio = adaptive steps to "
           f"L* / the best fixed run's steps to L*; claim: ratio <= {CLAIM_RATIO}")
     print(format_table(rows, ["estimator", "start", "steps_to_L*", "best_fixed_steps", "ratio", "within_1.5x",
-                              "final_damping", "final_loss", "best_fixed_damping", "steps_to_travel", "down", "up",
+                              "final_damping", "final_gamma", "final_loss", "best_fixed_damping", "steps_to_travel",
+                              "down", "up",
                               "rho_nan", "median_rho", "diverged_at"]))
     print("\nfixed grid, final smoothed loss ('-' = diverged):")
     grid_rows = [{"estimator": est, "L*": s["target_loss"], **{f"{d:g}": s["fixed_final"][str(d)] for d in cfg["grid"]}}
@@ -297,9 +367,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(format_table(grid_rows, ["estimator", "L*"] + [f"{d:g}" for d in cfg["grid"]]))
     out = Path(args.out)
     plot(results, summaries, cfg, out, f"{name}, MLP width {cfg['width']}, batch {cfg['batch']}: fixed damping "
-                                       f"({cfg['steps']} steps) vs LM adaptive ({adaptive_steps} steps), rule {args.rule}")
+                                       f"({cfg['steps']} steps) vs adaptive {args.mechanism}, rho {args.rho} ({adaptive_steps} steps), "
+                                       f"rule {args.rule}")
     numbers = {"mode": args.mode, "dataset": name,
-               "config": {**cfg, "rule": args.rule, "seed": args.seed, "budget_factor": BUDGET_FACTOR,
+               "config": {**cfg, "rule": args.rule, "mechanism": args.mechanism, "rho": args.rho,
+                          "mechanism_hyper": MECHANISMS[args.mechanism],
+                          "seed": args.seed, "budget_factor": BUDGET_FACTOR,
                           "adaptive_steps": adaptive_steps, "claim_ratio": CLAIM_RATIO, "smooth_window": SMOOTH,
                           "damping_interval": interval, "damping_omega": omega,
                           "damping_min": defaults["damping_min"].default,

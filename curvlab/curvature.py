@@ -119,6 +119,8 @@ class Estimator:
     suggested: dict[str, Any] = {"lr": 0.05, "damping": 0.1, "momentum": 0.5}
     fisher_types: tuple[str, ...] = ("empirical", "mc", "type2")
     provides: frozenset[str] = frozenset({"solve", "mv", "dense"})
+    #: whether the damping enters ``solve`` (False: ``gamma_adapt`` is refused, :mod:`curvlab.factor_damping`)
+    damped_solve: bool = True
     curvature_class: type[Curvature] = Curvature
 
     def __init__(self, config: dict[str, Any]) -> None:

@@ -20,7 +20,10 @@ Non-finite steps: ``nonfinite`` (``"skip"``/``"raise"``) and ``max_skipped_steps
 :class:`curvlab.Diverged`, :mod:`curvlab.divergence`).
 
 Adaptive damping (:mod:`curvlab.damping`, Martens & Grosse 2015 sec. 6.5): ``damping_adapt`` (None/``"lm"``),
-``damping_interval`` (T1), ``damping_omega``, ``damping_min``/``damping_max``, ``damping_thresholds``.
+``damping_interval`` (T1), ``damping_omega``, ``damping_min``/``damping_max``, ``damping_thresholds``,
+``damping_refresh``, ``damping_rho`` (``"same"``/``"next"``); the
+curvature's own damping gamma (:mod:`curvlab.factor_damping`, sec. 6.6): ``gamma_adapt``, ``gamma_interval`` (T2),
+``gamma_omega``.
 
 Data parallelism (:mod:`curvlab.distributed`): ``data_parallel`` (``"auto"``/True/False) and
 ``data_parallel_refresh`` (``"replicated"``/``"distributed"``).
@@ -142,12 +145,12 @@ def _optional_lm(name: str, value: Any) -> str | None:
     return None if value is None else one_of("lm")(name, value)
 
 
-def _omega(name: str, value: Any) -> float | None:
+def _omega(name: str, value: Any, default: str = "(19/20)^damping_interval") -> float | None:
     if value is None:
         return None
     v = _number(name, value)
     if not 0.0 < v < 1.0:
-        raise HyperParameterError(f"{name} must lie in (0, 1) (or None for (19/20)^damping_interval), got {value!r}")
+        raise HyperParameterError(f"{name} must lie in (0, 1) (or None for {default}), got {value!r}")
     return v
 
 
@@ -203,6 +206,20 @@ COMMON: dict[str, Option] = {
     "damping_min": Option(1e-8, non_negative, "lower bound of the adapted damping"),
     "damping_max": Option(1e6, positive, "upper bound of the adapted damping"),
     "damping_thresholds": Option((0.25, 0.75), _thresholds, "(low, high) reduction-ratio thresholds of the LM rule"),
+    "damping_refresh": Option(False, boolean, "True = refresh the curvature on the step after an LM adaptation that "
+                              "moved the damping (default: at its next inv_interval refresh; no effect with "
+                              "gamma_adapt, where the curvature uses gamma)"),
+    "damping_rho": Option("same", one_of("same", "next"), "which batch measures rho's actual loss change: 'same' = "
+                          "the step's own batch; 'next' = the next step's batch, at the parameters before and after "
+                          "the update (a held-out ratio; needs the closure on the step after each adaptation step)"),
+    # the curvature's own damping gamma (Martens & Grosse 2015 sec. 6.6; curvlab.factor_damping)
+    "gamma_adapt": Option(False, boolean, "True = the curvature's solve uses a separate damping gamma per group "
+                          "(initially its damping), chosen greedily every gamma_interval steps among gamma * "
+                          "{omega2, 1, 1/omega2} by the lowest quadratic-model value M(delta)"),
+    "gamma_interval": Option(20, positive_int, "T2: choose gamma on steps t % T2 == 0"),
+    "gamma_omega": Option(None, lambda name, v: _omega(name, v, "sqrt(19/20)^gamma_interval"),
+                          "omega2 in (0, 1): the gamma candidates are gamma * omega2, gamma, gamma / omega2 "
+                          "(None = sqrt(19/20)^gamma_interval)"),
     "data_parallel": Option("auto", _data_parallel,
                             "torch.distributed data parallelism (curvlab.distributed): 'auto' = on for a DDP model or "
                             "a process group of > 1 ranks; True = require a process group; False = this rank only"),

@@ -9,7 +9,10 @@ One step (``opt.step()`` after the user's ``loss.backward()``), at step counter 
    are recomputed with the current per-group ``damping`` (times the parameterization's multiplier);
 4. the rule returns a plan of updates, which is checked for NaN/Inf before anything is written;
 5. with ``damping_adapt="lm"``, every ``damping_interval`` steps the closure of ``step(closure)`` is called once more
-   after the update (paused) and every group's damping is adapted from the reduction ratio (:mod:`curvlab.damping`).
+   after the update (paused) and every group's damping is adapted from the reduction ratio (:mod:`curvlab.damping`;
+   with ``damping_rho="next"`` that call comes at the start of the next step, at the old parameters, on its batch);
+   with ``gamma_adapt=True`` the curvature uses its own damping gamma, chosen every ``gamma_interval`` steps in
+   step 4 among three candidates by the quadratic model (:mod:`curvlab.factor_damping`).
 
 Skipped steps do not advance ``t``, and neither does a ``step()`` without any gradient; ``max_skipped_steps``
 skips in a row, or a NaN/Inf loss from ``step(closure)``, raise :class:`curvlab.Diverged` (:mod:`curvlab.divergence`).
@@ -80,6 +83,8 @@ class CurvlabOptimizer(torch.optim.Optimizer):
         self.skipped_steps = 0
         self._streak = SkipStreak(self)                   # skips in a row -> curvlab.Diverged (curvlab.divergence)
         self._t = 0
+        #: refresh every layer at the next step (set by the LM damping with ``damping_refresh``)
+        self.refresh_next = False
         #: per-section step timing (:mod:`curvlab.profiling`); ``None`` = off
         self.sections: Sections | None = None
         self.units = self._build_units(model, strict)
@@ -113,7 +118,7 @@ class CurvlabOptimizer(torch.optim.Optimizer):
         ) if needs & {"inputs", "fisher_grads", "real_grads"} else None
         if self.capture is not None and needs & {"fisher_grads", "real_grads"}:
             self.capture.check_loss = True            # the loss check of the first statistics step
-        attach_adaptive(self)      # .quadratic (rule="qmodel", curvlab.quadratic), .lm, .damping_history (damping)
+        attach_adaptive(self)      # .quadratic (curvlab.quadratic), .lm, .gamma, .damping_history, .gamma_history
         self.rule.bind(self)
 
     # -- construction ----------------------------------------------------------------------------------
@@ -199,6 +204,8 @@ class CurvlabOptimizer(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """``torch.optim.Optimizer.zero_grad``; also forgets what the discarded training passes recorded."""
         super().zero_grad(set_to_none=set_to_none)
+        if getattr(self, "_keep_records", False):          # curvlab.damping's extra call (damping_rho="next")
+            return
         if getattr(self, "capture", None) is not None:
             self.capture.discard()
         if getattr(self, "quadratic", None) is not None:
@@ -250,7 +257,7 @@ class CurvlabOptimizer(torch.optim.Optimizer):
         """Recompute inverses / roots (all layers, or only those not ready when ``force=False``)."""
         todo = [u for u in self.units if u.preconditioned and (force or not u.curvature.ready)]
         for unit in self.dist.owned(todo):                 # all of them unless data_parallel_refresh="distributed"
-            unit.curvature.refresh(unit.hyper("damping"))
+            unit.curvature.refresh(unit.solve_damping())
         self.dist.share(todo)
 
     @torch.no_grad()
@@ -262,6 +269,8 @@ class CurvlabOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
             check_closure_loss(self, loss)                  # NaN/Inf loss: curvlab.Diverged
+            if self.lm is not None and self.lm.pending is not None:
+                self.lm.resolve(closure, loss)              # damping_rho="next": rho of the last adaptation step
         self._check_model_unchanged()
         check_groups(self)
         self.dist.reduce_gradients(self.units)              # raw model + process group only
@@ -280,10 +289,14 @@ class CurvlabOptimizer(torch.optim.Optimizer):
             if stat_step and not self._accumulate(stats):
                 return loss
         with section(self.sections, "refresh"):
-            self.refresh(force=self._t % self.config["inv_interval"] == 0)
+            due, self.refresh_next = self.refresh_next, False      # damping_refresh (curvlab.damping)
+            self.refresh(force=due or self._t % self.config["inv_interval"] == 0)
         first_order_where_uncaptured(self, grads, stats, stat_step)
         with section(self.sections, "rule"), activated(self.sections):   # solves inside: "precondition"
-            plan = self.rule.plan(self.units, self.state, stats)
+            if self.gamma is not None and self.gamma.due(self._t):       # curvlab.factor_damping
+                plan = self.gamma.choose(stats)
+            else:
+                plan = self.rule.plan(self.units, self.state, stats)
             if not _finite(plan.tensors()):
                 bad = nonfinite_units(self.units, plan)
                 self._skip(f"the update rule produced non-finite updates in {bad}", bad)
@@ -298,10 +311,14 @@ class CurvlabOptimizer(torch.optim.Optimizer):
         self._t += 1
         self._streak.reset()
         if pending is not None:
-            self.lm.adapt(pending, closure, loss)
+            self.lm.after_update(pending, closure, loss)
         return loss
 
     # -- inspection ------------------------------------------------------------------------------------
+    def flat_params(self) -> list[torch.Tensor]:
+        """Every optimized parameter, unit by unit (the index the checkpoint's per-parameter records use)."""
+        return [p for u in self.units for p in u.params]
+
     @property
     def step_count(self) -> int:
         return self._t
@@ -341,6 +358,9 @@ class CurvlabOptimizer(torch.optim.Optimizer):
             "curvature": {u.name: u.curvature.state_dict() for u in self.units if u.preconditioned},
             "capture": self.capture.state_dict() if self.capture else {},
             "damping_history": list(self.damping_history),
+            "gamma_history": list(self.gamma_history),
+            "refresh_next": self.refresh_next,
+            **({"damping_pending": self.lm.state_dict()} if self.lm is not None and self.lm.held_out else {}),
         }
         return sd
 
@@ -365,6 +385,10 @@ class CurvlabOptimizer(torch.optim.Optimizer):
         self._bind_groups()
         self._t, self.skipped_steps = extra["step"], extra["skipped_steps"]
         self.damping_history[:] = extra.get("damping_history", [])
+        self.gamma_history[:] = extra.get("gamma_history", [])
+        self.refresh_next = bool(extra.get("refresh_next", False))
+        if self.lm is not None:
+            self.lm.load_state_dict(extra.get("damping_pending"))
         for unit in self.units:
             if unit.preconditioned:
                 unit.curvature.load_state_dict(extra["curvature"][unit.name])

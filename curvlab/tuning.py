@@ -30,13 +30,12 @@ Failed trials do not count; an exception in the objective marks its trial FAIL a
 from __future__ import annotations
 
 import math
-import os
-import socket
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from .tuning_workers import BEAT as _BEAT, WORKER as _WORKER, Heartbeat, host_pid, recover_stale
 
 __all__ = ["TuneError", "Param", "SAMPLERS", "PRUNERS", "parse_space", "space_to_json", "make_sampler", "tune",
            "TuneResult", "TrialContext", "Pruned", "grid_size"]
@@ -277,73 +276,7 @@ class TuneResult:
 
 
 _COUNTED = ("COMPLETE", "PRUNED")
-_WORKER, _BEAT, _SURPLUS = "curvlab_worker", "curvlab_heartbeat", "surplus"
-
-
-def _host_pid() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def _is_stale(frozen: Any, grace_s: float) -> bool:
-    """A RUNNING trial whose worker is gone: same host and its process has ended, or no heartbeat in grace_s."""
-    owner = str(frozen.user_attrs.get(_WORKER, ""))
-    host, _, pid = owner.rpartition(":")
-    if host == socket.gethostname() and pid.isdigit():
-        if int(pid) == os.getpid():
-            return False
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            pass
-    beat = frozen.user_attrs.get(_BEAT)
-    started = frozen.datetime_start.timestamp() if frozen.datetime_start else time.time()
-    return time.time() - float(beat if beat is not None else started) > grace_s
-
-
-def _recover_stale(study: Any, grace_s: float) -> int:
-    """Mark the RUNNING trials of dead workers FAIL and re-queue their parameters; returns how many."""
-    import optuna
-
-    count = 0
-    for frozen in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        if not _is_stale(frozen, grace_s):
-            continue
-        # Optuna has no public call to close another process's trial; this is what its own
-        # RetryFailedTrialCallback machinery does through the storage.
-        try:
-            study._storage.set_trial_user_attr(frozen._trial_id, "stale", True)
-            closed = study._storage.set_trial_state_values(frozen._trial_id, state=optuna.trial.TrialState.FAIL)
-        except optuna.exceptions.UpdateFinishedTrialError:  # its worker finished it meanwhile after all
-            closed = False
-        if closed:
-            study.enqueue_trial(dict(frozen.params), user_attrs={"retry_of": frozen.number})
-            count += 1
-    return count
-
-
-class _Heartbeat:
-    """Writes the trial's heartbeat user attribute every ``interval_s`` from a daemon thread."""
-
-    def __init__(self, trial: Any, interval_s: float) -> None:
-        self.trial, self.interval_s, self.stop = trial, interval_s, threading.Event()
-        self.thread = threading.Thread(target=self._beat, daemon=True)
-
-    def _beat(self) -> None:
-        while not self.stop.wait(self.interval_s):
-            try:
-                self.trial.set_user_attr(_BEAT, time.time())
-            except Exception:  # noqa: BLE001  (a missed beat only delays stale detection)
-                pass
-
-    def __enter__(self) -> _Heartbeat:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop.set()
-        self.thread.join()
+_SURPLUS = "surplus"
 
 
 def _history(study: Any) -> list[dict[str, Any]]:
@@ -438,11 +371,11 @@ def tune(objective: Callable[[dict[str, Any], TrialContext], float | Mapping[str
     counted = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     active = (*counted, optuna.trial.TrialState.RUNNING)
     while True:
-        _recover_stale(study, grace_s)
+        recover_stale(study, grace_s)
         if len(study.get_trials(deepcopy=False, states=active)) >= trials:
             break
         trial = study.ask()
-        trial.set_user_attr(_WORKER, _host_pid())
+        trial.set_user_attr(_WORKER, host_pid())
         trial.set_user_attr(_BEAT, time.time())
         before = [t for t in study.get_trials(deepcopy=False, states=active) if t.number < trial.number]
         if len(before) >= trials:  # another worker asked first: close this one unevaluated
@@ -452,7 +385,7 @@ def tune(objective: Callable[[dict[str, Any], TrialContext], float | Mapping[str
         values = {name: p.suggest(trial) for name, p in params.items()}
         ctx = TrialContext(trial)
         try:
-            with _Heartbeat(trial, heartbeat_s):
+            with Heartbeat(trial, heartbeat_s):
                 out = objective(values, ctx)
         except (Pruned, optuna.TrialPruned):
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)

@@ -59,9 +59,14 @@ class Unit:
         value = self.group[key]
         if key == "lr":
             return value * self.lr_mult
-        if key == "damping":
+        if key in ("damping", "gamma"):
             return value * self.damping_mult
         return value
+
+    def solve_damping(self) -> float:
+        """The damping the curvature's refresh / solve uses: the group's ``gamma`` when ``gamma_adapt`` gave it one
+        (:mod:`curvlab.factor_damping`), else its ``damping`` (times the parameterization's multiplier)."""
+        return self.hyper("gamma" if "gamma" in self.group else "damping")
 
     def set_damping_sides(self, mult_a: float, mult_g: float) -> None:
         """Per-side damping multipliers ``(m_A, m_G)``; ValueError if the curvature has no two damped sides."""

@@ -81,3 +81,15 @@ def fit(net, opt, split, batch_size, epochs, shape=lambda x: x, seed=0, objectiv
             opt.zero_grad()
             (objective or F.cross_entropy)(net(shape(xb)), yb).backward()
             opt.step()
+
+
+def load_paper_script(name: str):
+    """The module ``paper_figures/<name>.py`` (the scripts are not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "paper_figures" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"paper_figures_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,6 +1,6 @@
 """curvlab.experiments.ablation_report on synthetic run directories (exact tables, figures, errors), the
-``curvlab report --heatmap/--vs/--target`` hook, and the tiny modes of analysis/ablation_report.py,
-paper_figures/fop.py and paper_figures/sngm.py."""
+``curvlab report --heatmap/--vs/--target`` hook, and the tiny mode of analysis/ablation_report.py (the paper
+scripts' tiny modes: tests/test_paper_figures_fop_sngm.py)."""
 from __future__ import annotations
 
 import importlib.util
@@ -162,14 +162,3 @@ def test_analysis_tiny_mode(tmp_path):
         for suffix in SUFFIXES:
             assert (tmp_path / f"{stem}.{suffix}").is_file()
     assert (tmp_path / "ablation.json").is_file() and (tmp_path / "report.csv").is_file()
-
-
-@pytest.mark.parametrize("script,stems", [("paper_figures/fop.py", ("fop_table1", "fop_accuracy_vs_batch")),
-                                          ("paper_figures/sngm.py", ("sngm_accuracy_vs_batch",))])
-def test_paper_scripts_tiny_mode(script, stems, tmp_path):
-    numbers = load_script(script).main(["--mode", "tiny", "--out", str(tmp_path)])
-    for stem in stems:
-        for suffix in SUFFIXES:
-            assert (tmp_path / f"{stem}.{suffix}").stat().st_size > 0, (stem, suffix)
-    assert (tmp_path / f"{Path(script).stem}.json").is_file()
-    assert set(numbers["final_accuracy"]) == ({"SGD", "K-FAC", "FOP"} if "fop" in script else {"MSGD", "SNGM"})

@@ -105,6 +105,8 @@ def test_variant_parse_and_period():
     assert (v.estimator, v.rule, v.scaling) == ("kfac", "fop", "standard")
     assert v.hyper == {"stat_interval": 2, "inv_interval": 3, "fisher": "empirical"} and v.period == 6
     assert Variant.parse("shampoo").period == 10
+    assert Variant.parse("kfac:gamma_adapt=true,inv_interval=5").period == 20            # gamma_interval 20
+    assert Variant.parse("kfac:gamma_adapt=true,gamma_interval=4,damping_adapt=lm").period == 20
     for bad in ("", "a/b/c/d", "kfac:lr"):
         with pytest.raises(ValueError, match="variant"):
             Variant.parse(bad)

@@ -266,3 +266,28 @@ def test_lm_composes_with_every_rule(rule):
     assert [h["step"] for h in opt.damping_history] == [0, 2, 4] and opt.skipped_steps == 0
     for h in opt.damping_history:    # a defined ratio, or the documented "no predicted decrease" event
         assert math.isfinite(h["rho"]) or any("predicts no decrease" in str(e) for e in opt.events), h
+
+
+def test_damping_refresh_refreshes_the_step_after_the_damping_moved():
+    """damping_refresh=True: a refresh on the step after every LM move (and only then, besides inv_interval),
+    with the new damping; the flag survives a checkpoint."""
+    model, x, y = least_squares()
+    opt = curvlab.optimizer(model, "kfac", "natural", damping=1e-4, damping_adapt="lm", damping_interval=2,
+                            damping_refresh=True, inv_interval=100, kl_clip=None, lr=0.1, loss="mse")
+    seen = []
+    refresh = opt.refresh
+    opt.refresh = lambda force=True: (seen.append((opt.step_count, force, opt.param_groups[0]["damping"]))
+                                      or refresh(force))
+    for _ in range(5):
+        opt.step(closure_for(opt, model, x, y))
+    moved = {h["step"] + 1 for h in opt.damping_history if h["damping"] != h["damping_before"] and h["step"] < 4}
+    assert moved and {t for t, force, _ in seen if force} == {0} | moved
+    for t, force, lam in seen:
+        if force and t in moved:
+            assert lam == next(h["damping"] for h in opt.damping_history if h["step"] + 1 == t)
+    opt.refresh_next = True
+    other = curvlab.optimizer(copy.deepcopy(model), "kfac", "natural", damping=1e-4, damping_adapt="lm",
+                              damping_interval=2, damping_refresh=True, inv_interval=100, kl_clip=None, lr=0.1,
+                              loss="mse")
+    other.load_state_dict(opt.state_dict())
+    assert other.refresh_next

@@ -122,3 +122,20 @@ def test_tiny_json_structure(tiny):
             assert row["within_1.5x"] == (row["ratio"] <= 1.5)
         else:
             assert row["ratio"] is None and row["within_1.5x"] is False
+
+
+def test_tiny_mechanism_reuses_the_fixed_grid_and_records_gamma(tiny, tmp_path):
+    """--mechanism lm+gamma with --reuse-fixed: the fixed runs are the earlier ones (identical), the adaptive ones
+    record gamma every gamma_interval (20) steps; a run with other settings refuses the file, naming the setting."""
+    out, _ = tiny
+    result = damping.main(["--mode", "tiny", "--estimators", "kfac", "--mechanism", "lm+gamma", "--reuse-fixed",
+                           str(out / "damping.json"), "--out", str(tmp_path / "g")])
+    assert result["config"]["mechanism_hyper"] == {"gamma_adapt": True}
+    assert result["estimators"]["kfac"]["fixed"] == json.loads((out / "damping.json").read_text())["estimators"][
+        "kfac"]["fixed"]
+    for run in result["estimators"]["kfac"]["adaptive"]:
+        assert [h["step"] for h in run["gamma_history"]] == list(range(0, run["optimizer_steps"], 20))
+        assert run["gamma_history"] and run["final_gamma"] == run["gamma_history"][-1]["gamma"]
+    with pytest.raises(ValueError, match="--reuse-fixed.*its rule is 'natural'"):
+        damping.main(["--mode", "tiny", "--rule", "qmodel", "--reuse-fixed", str(out / "damping.json"),
+                      "--out", str(tmp_path / "q")])

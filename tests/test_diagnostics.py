@@ -89,7 +89,7 @@ def test_run_metrics_record_the_diagnostic_every_k_steps(tmp_path):
     cfg = {"model": {"width": 16, "depth": 1}, "optimizer": {"estimator": "kfac"},
            "train": {"epochs": 1, "batch_size": 256, "damping_every": 2, "eval_train_examples": 0}}
     res = run(cfg, tmp_path, quiet=True)
-    log = res.metrics[1]["damping"]
+    log = res.metrics[1]["damping_report"]
     assert [e["step"] for e in log] == list(range(2, res.metrics[1]["steps"] + 1, 2))
     assert {"0/A", "0/G"} <= set(log[0]["layers"]) and log[0]["layers"]["0/A"]["damping"] > 0
     off = {**cfg, "train": {**cfg["train"], "damping_every": 0}}

@@ -9,7 +9,9 @@ tests compare what they wrote with single-process runs made here:
 * checkpoint on 2 processes after 2 steps, resume on 1 process: the next 2 steps equal 4 single-process steps;
 * unequal local batches (5 / 3 examples): mean statistics are batch-size weighted and gathered ones are
   concatenated, so K-FAC's and ISAAC's blocks equal the whole-batch ones;
-* the statistics reduction is ONE collective per statistics step (two when some statistic is gathered).
+* the statistics reduction is ONE collective per statistics step (two when some statistic is gathered);
+* LM damping with the held-out rho (``damping_rho="next"``) on a raw and a DDP-wrapped model: the rho history and
+  the parameters equal the single-process run's.
 
 Fisher: "type2" where the estimator supports it, else "empirical"; the Monte-Carlo Fisher is equal in
 distribution only (per-rank generators) and is not compared.
@@ -101,6 +103,24 @@ def train(model, opt, data, lo: int, hi: int) -> list[torch.Tensor]:
     return out
 
 
+LM_RHO = ("kfac", "qmodel", {"damping": 0.3, "damping_adapt": "lm", "damping_rho": "next", "damping_interval": 1,
+                              "damping_thresholds": (0.6, 0.9), "fisher": "type2", "inv_interval": 1})
+
+
+def train_closure(model, opt, data, lo: int, hi: int) -> list[torch.Tensor]:
+    """``train`` in the closure loop (what the adaptive damping needs)."""
+    out = []
+    for x, y in data:
+        def closure():
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x[lo:hi]), y[lo:hi])
+            loss.backward()
+            return loss
+        opt.step(closure)
+        out.append(flat_params(model))
+    return out
+
+
 def single(est, rule, kind, extra, steps=STEPS):
     """Single-process reference on the whole batch: list of parameters per step, or the rejection message."""
     model = build_model(kind)
@@ -160,6 +180,13 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
     F.cross_entropy(model(x[lo2:hi2]), y[lo2:hi2]).backward()
     opt.update_curvature()
     res["unequal_isaac"] = opt.blocks()
+    # LM damping with the held-out rho (damping_rho="next"): both losses averaged over the ranks
+    for wrap in WRAPS:
+        model = build_model("mlp")
+        net = DDP(model) if wrap == "ddp" else model
+        opt = curvlab.optimizer(net, *LM_RHO[:2], **LM_RHO[2])
+        params = train_closure(net, opt, batches(STEPS + 1), lo, hi)
+        res[f"lm_rho_{wrap}"] = {"params": params, "history": list(opt.damping_history)}
     print(f"rank {rank}: all {time.perf_counter() - t0:.1f}s", flush=True)
     torch.save(res, os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()
@@ -253,6 +280,25 @@ def test_unequal_local_batches(results):
         for rank in range(2):
             for name, block in opt.blocks().items():
                 _close(results[rank][f"unequal_{est}"][name], block, f"rank {rank} {est} block {name} (5 / 3 examples)")
+
+
+def test_held_out_lm_damping_averages_both_losses_over_the_ranks(results):
+    """damping_rho="next" on 2 processes (raw and DDP-wrapped model) equals 1 process on the whole batch: the same
+    rho history (losses and predicted changes of the concatenated batches) and the same parameters."""
+    model = build_model("mlp")
+    opt = curvlab.optimizer(model, *LM_RHO[:2], **LM_RHO[2])
+    ref = train_closure(model, opt, batches(STEPS + 1), 0, 2 * HALF)
+    assert [h["measured_at"] for h in opt.damping_history] == list(range(1, STEPS + 1))
+    assert any(h["damping"] != h["damping_before"] for h in opt.damping_history)
+    for rank in range(2):
+        for wrap in WRAPS:
+            got = results[rank][f"lm_rho_{wrap}"]
+            for mine, theirs in zip(got["history"], opt.damping_history, strict=True):
+                assert mine["damping"] == pytest.approx(theirs["damping"], rel=1e-12), (rank, wrap)
+                for key in ("rho", "h_before", "h_after", "predicted"):
+                    assert mine[key] == pytest.approx(theirs[key], rel=1e-9), (rank, wrap, key)
+            for t in range(STEPS + 1):
+                _close(got["params"][t], ref[t], f"lm rho=next {wrap} rank {rank} step {t}")
 
 
 def test_inactive_without_a_process_group_and_ddp_refusals():

@@ -243,3 +243,49 @@ def test_cli_run_print_config_and_errors(tmp_path: Path, capsys: pytest.CaptureF
     assert "curvlab sweep" in capsys.readouterr().err
     assert cli.sweep_main([str(config), "--list", "--out", str(tmp_path / "s")]) == 0
     assert capsys.readouterr().out.count("todo") == 2
+
+
+def test_run_with_lm_damping_passes_a_closure_and_records_the_damping(tmp_path: Path) -> None:
+    config = tmp_path / "lm.toml"
+    config.write_text('[model]\nwidth = 16\ndepth = 1\n[train]\nepochs = 2\nbatch_size = 128\n'
+                      '[optimizer]\nestimator = "kfac"\ndamping = 1.0\ndamping_adapt = "lm"\ndamping_interval = 2\n')
+    assert cli.run_main([str(config), "--quiet", "--out", str(tmp_path / "runs")]) == 0
+    (rdir,) = (tmp_path / "runs").iterdir()
+    rows = [json.loads(line) for line in (rdir / "metrics.jsonl").read_text().splitlines()]
+    assert "damping" not in rows[0] and not json.loads((rdir / "summary.json").read_text())["diverged"]
+    history = [h for r in rows[1:] for h in r["damping_history"]]
+    assert [h["step"] for h in history] == list(range(0, 2 * 11, 2))        # every adaptation step, none twice
+    assert all(h["rho"] is not None for h in history)                         # h(theta + delta) was evaluated
+    assert [r["damping"] for r in rows[1:]] == [rows[1]["damping_history"][-1]["damping"], history[-1]["damping"]]
+    assert history[-1]["damping"] != 1.0                                       # the damping moved
+    # the same run resumed from its checkpoint after epoch 1 records the same history
+    cfg = load_config(str(config))
+
+    def die(epoch: int, _row: dict) -> None:
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, tmp_path / "again", quiet=True, callbacks=[die])
+    resumed = run(cfg, tmp_path / "again", quiet=True)
+    assert deterministic(resumed.metrics) == deterministic(rows)
+
+
+def test_plain_run_gets_no_closure_and_no_damping_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    import curvlab
+
+    closures = []
+    step = curvlab.optim.CurvlabOptimizer.step
+    monkeypatch.setattr(curvlab.optim.CurvlabOptimizer, "step",
+                        lambda self, closure=None: closures.append(closure) or step(self, closure))
+    result = run({**TINY, "train": {**TINY["train"], "epochs": 1}}, None, quiet=True)
+    assert closures and all(c is None for c in closures)
+    assert not {"damping", "damping_history", "gamma"} & set(result.metrics[-1])
+
+
+def test_run_with_gamma_adapt_records_gamma_without_a_closure() -> None:
+    cfg = apply_overrides({**TINY, "train": {**TINY["train"], "epochs": 1}},
+                          ["optimizer.gamma_adapt=true", "optimizer.gamma_interval=5"])
+    row = run(cfg, None, quiet=True).metrics[-1]
+    assert [h["step"] for h in row["gamma_history"]] == [0, 5, 10] and row["gamma"] == row["gamma_history"][-1]["gamma"]
+    assert row["damping_history"] == [] and row["damping"] == resolve_config(cfg)["optimizer"]["damping"]

@@ -2,10 +2,8 @@
 paper_figures/mbf.py and paper_figures/isaac.py end to end."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,16 +13,8 @@ from curvlab.experiments import traces
 from curvlab.experiments.traces import (Trace, batch_stream, format_table, interleaved_step_times, time_to_threshold,
                                         train_traced)
 from curvlab.linalg import FactorizationError
-from helpers import assert_close
+from helpers import assert_close, load_paper_script as load_script
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"paper_figures_{name}", ROOT / "paper_figures" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_time_to_threshold():
@@ -188,6 +178,21 @@ def test_tiny_mode_writes_figures_and_numbers(tmp_path, name, stem, methods):
     for label in methods:
         rows = saved["methods"][label]["traces"][0]["rows"]
         assert [r["step"] for r in rows] == [0, 4, 8] and rows[-1]["time_s"] > 0
+    # the equal-budget record: same trials and sampler for every method, damping tuned by every curvature method,
+    # the selection on validation data and the damping diagnostic of each tuned curvature method
+    tuning = saved["tuning"]
+    assert tuning["metric"].startswith("val_") and tuning["test_metric"].startswith("test_")
+    for label in methods:
+        rec = tuning["methods"][label]
+        assert rec["budget"]["trials"] == 2 == len(rec["history"]) and rec["budget"]["sampler"] == "qmc"
+        assert "lr" in rec["space"]
+        assert saved["methods"][label]["params"]["lr"] == rec["best"]["params"]["lr"]
+        if label not in ("Adam", "SGD"):
+            assert "damping" in rec["space"] and rec["method"]["second_order"]
+            diag = saved["damping"][label]["per_seed"][0]
+            assert diag and all(v["damping"] > 0 for v in diag.values())
+            assert saved["damping"][label]["summary"][0]["factors"] == len(diag)
+    assert isinstance(saved["edge_hits"], dict)
 
 
 def test_isaac_e1_heatmap_tiny_mode(tmp_path):
@@ -200,4 +205,6 @@ def test_isaac_e1_heatmap_tiny_mode(tmp_path):
     assert (tmp_path / "isaac_e1_heatmap.png").stat().st_size > 0
     saved = json.loads((tmp_path / "isaac_e1_heatmap.json").read_text())
     assert saved["lambda_g"] == [1.0, None] and len(saved["cells"]) == 4 == len(out["cells"])
-    assert all(0.0 <= c["test_accuracy"] <= 1.0 for c in saved["cells"])
+    assert all(0.0 <= c["test_accuracy"] <= 1.0 and 0.0 <= c["val_accuracy"] <= 1.0 for c in saved["cells"])
+    assert all(c["lr"] == max(c["grid"], key=lambda r: r["val_accuracy"])["lr"] for c in saved["cells"])
+    assert "validation" in saved["setup"]["selection"] and saved["setup"]["cpu_s"] >= 0

@@ -255,10 +255,12 @@ def test_killed_tune_resumes_to_exactly_n_trials(tmp_path) -> None:
         while time.monotonic() < deadline and proc.poll() is None:
             if (out / "study.db").is_file():
                 try:
-                    states = [t.state.name for t in _study(out).get_trials()]
+                    trials_now = _study(out).get_trials()
                 except Exception:  # noqa: BLE001  (the study may not exist yet)
-                    states = []
-                if "COMPLETE" in states and states[-1] == "RUNNING":  # kill it in the middle of a trial
+                    trials_now = []
+                states = [t.state.name for t in trials_now]
+                # kill it in the middle of a trial (its parameters drawn, so there is a configuration to re-run)
+                if "COMPLETE" in states and states[-1] == "RUNNING" and trials_now[-1].params:
                     break
             time.sleep(0.2)
         assert proc.poll() is None, "the tune ended before it could be killed: " + proc.stderr.read().decode()
@@ -357,3 +359,22 @@ def test_a_dead_workers_running_trial_is_failed_and_its_params_rerun(tmp_path) -
     assert trials[0].state.name == "FAIL" and trials[0].user_attrs["stale"]
     assert seen[0] == pytest.approx(orphan.params["lr"]) and res.finished == 2  # re-run first, then one new trial
     assert trials[1].user_attrs["retry_of"] == 0
+
+
+def test_a_trial_killed_before_recording_its_owner_is_failed_not_rerun(tmp_path, monkeypatch) -> None:
+    """Killed between ``ask`` and recording its owner (and before drawing parameters): dead after
+    UNOWNED_GRACE_S, closed as FAIL, nothing re-queued; a fresh unowned trial (a live worker's window) is left alone."""
+    import optuna
+
+    from curvlab import tuning_workers
+
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    study = optuna.create_study(storage=storage, study_name="curvlab", direction="maximize")
+    study.ask()                                            # no owner, no parameters
+    fresh = study.get_trials()[0]
+    assert not tuning_workers.is_stale(fresh, grace_s=120.0)
+    monkeypatch.setattr(tuning_workers, "UNOWNED_GRACE_S", 0.0)
+    res = tune(lambda p, ctx: p["lr"], {"lr": {"low": 0.1, "high": 1.0}}, 2, storage=storage)
+    trials = optuna.load_study(study_name="curvlab", storage=storage).get_trials()
+    assert trials[0].state.name == "FAIL" and trials[0].user_attrs["stale"]
+    assert res.finished == 2 and not any("retry_of" in t.user_attrs for t in trials)

@@ -147,10 +147,13 @@ class Variant:
     @property
     def period(self) -> int:
         """Steps after which the schedule repeats: ``lcm(stat_interval, inv_interval)``, and ``damping_interval``
-        (default 5) when the damping adapts (its re-evaluations are charged at their real frequency too)."""
+        (default 5) when the damping adapts (its re-evaluations are charged at their real frequency too), and
+        ``gamma_interval`` (default 20) with ``gamma_adapt`` (:mod:`curvlab.factor_damping`)."""
         period = math.lcm(int(self.hyper.get("stat_interval", 1)), int(self.hyper.get("inv_interval", 10)))
         if self.hyper.get("damping_adapt"):
             period = math.lcm(period, int(self.hyper.get("damping_interval", 5)))
+        if self.hyper.get("gamma_adapt"):
+            period = math.lcm(period, int(self.hyper.get("gamma_interval", 20)))
         return period
 
     @classmethod

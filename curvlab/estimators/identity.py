@@ -38,4 +38,5 @@ class Identity(Estimator):
     #: accuracy in 3 epochs on the digits models), no KL clip (with C = I it would be gradient-norm clipping), and the
     #: damping the quadratic model needs (rule="qmodel", damping_adapt; damping is ignored otherwise)
     defaults = {"momentum": 0.9, "damping": 0.1, "kl_clip": None}
+    damped_solve = False
     curvature_class = IdentityCurvature

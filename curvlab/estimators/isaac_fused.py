@@ -101,7 +101,7 @@ class FusedIsaacCurvature(Curvature):
 
     def bind(self, unit: Any) -> None:
         """Read ``lambda_a`` from the unit (per-group damping times the parameterization's multiplier)."""
-        self._damping = lambda: float(unit.hyper("damping"))
+        self._damping = lambda: float(unit.solve_damping())
 
     def direction(self, g: torch.Tensor, x: torch.Tensor, examples: int) -> torch.Tensor:
         """zeta* from output gradients ``g`` (R, d_out) and inputs ``x`` (R, n); ``b`` per ``isaac_average``."""

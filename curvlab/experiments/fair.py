@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..equal_budget import check_equal_budget, compare_tunes, mean_std
-from ..tuning import tune
+from ..tuning import parse_space, tune
 
-__all__ = ["Method", "fair_compare", "PHASES"]
+__all__ = ["Method", "fair_compare", "edge_params", "PHASES"]
 
 #: What ``run`` is asked for: ``"val"`` (tuning: score on the validation split) or ``"test"`` (the final re-runs).
 PHASES = ("val", "test")
@@ -124,3 +124,17 @@ def fair_compare(methods: Sequence[Method], run: Callable[[Method, dict[str, Any
                         "of the training data; the best configuration re-run on the test set with several seeds",
             "trials": trials, "metric": metric, "test_metric": test_metric, "methods": records,
             "rows": table["rows"], "table": table["table"]}
+
+
+def edge_params(params: Mapping[str, Any], space: Mapping[str, Any], tol: float = 0.1) -> list[str]:
+    """The names of ``params`` within ``tol`` of their range's width (in log space for a log range) from an
+    edge of ``space``: the best there may lie outside the range."""
+    flagged = []
+    for name, p in parse_space(space).items():
+        if p.choices is not None or name not in params:
+            continue
+        f = math.log if p.log else float
+        lo, hi, v = f(p.low), f(p.high), f(params[name])
+        if hi > lo and min(v - lo, hi - v) <= tol * (hi - lo):
+            flagged.append(name)
+    return flagged

@@ -11,8 +11,14 @@ A run directory ``<out>/<run_id>/`` holds, each file written atomically (:mod:`.
   :data:`TIMING_KEYS`: ``step_time_ms`` (mean zero_grad + forward + backward + step), ``refresh_time_s``
   (time inside ``opt.refresh``, i.e. recomputing inverses / roots, summed over the epoch),
   ``epoch_time_s`` and ``time_s`` (cumulative training time); with ``train.damping_every = k > 0`` also
-  ``damping``: ``[{"step": s, "layers": {"layer/factor": {damping, eig_mean, eig_max, ratio_mean}}}, ...]`` every
-  ``k`` steps of the epoch (:func:`curvlab.diagnostics.damping_metrics`; not part of the run id);
+  ``damping_report``: ``[{"step": s, "layers": {"layer/factor": {damping, eig_mean, eig_max, ratio_mean}}}, ...]``
+  every ``k`` steps of the epoch (:func:`curvlab.diagnostics.damping_metrics`; not part of the run id); with an
+  adaptive damping (``optimizer.damping_adapt = "lm"`` or ``optimizer.gamma_adapt``, :mod:`curvlab.damping`) also
+  ``damping`` (at the epoch's end), ``damping_history`` (that epoch's LM adaptations: ``step``, ``rho``,
+  ``damping``) and, with ``gamma_adapt``, ``gamma`` and ``gamma_history`` (``step``, ``gamma``). The loop hands
+  ``opt.step`` a closure only when the optimizer re-evaluates the loss (``damping_adapt``): its first call returns
+  the loss the loop already computed, later calls run a forward and backward on the same batch, so a plain run's
+  cost is unchanged;
 * ``summary.json``   final numbers (see :func:`summarize`) and the optimizer's full hyper-parameters;
 * ``checkpoint.pt``  model, optimizer (curvature and RNG included), batch-order generator and metrics
   after the last finished epoch, while the run is unfinished: a killed run resumes from it and continues
@@ -326,6 +332,7 @@ def _train(cfg: dict[str, Any], rid: str, rdir: Path | None, quiet: bool,
             model.train()
             timer.total, step_time, loss_sum, seen, epoch_first = 0.0, 0.0, 0.0, 0, step
             damping_log: list[dict[str, Any]] = []
+            marks = _history_marks(opt)
             epoch_start = time.perf_counter()
             for xb, yb in batches(x_tr, y_tr, batch, generator=generator):
                 factor = lr_factor(step, total, warmup, train["schedule"])
@@ -344,7 +351,7 @@ def _train(cfg: dict[str, Any], rid: str, rdir: Path | None, quiet: bool,
                 if stopped is not None:
                     break
                 try:
-                    opt.step()
+                    opt.step(_Closure(opt, model, task, xb, yb, loss) if _needs_closure(opt) else None)
                 except curvlab.Diverged as err:          # max_skipped_steps non-finite steps in a row
                     stopped = str(err)
                 sync()
@@ -364,9 +371,9 @@ def _train(cfg: dict[str, Any], rid: str, rdir: Path | None, quiet: bool,
             rows.append({**measure(epoch), "batch_loss": loss_sum / seen if seen else None,
                          "lr": opt.param_groups[0]["lr"], "steps": step, "skipped_steps": opt.skipped_steps,
                          "step_time_ms": 1e3 * step_time / max(step - epoch_first, 1), "refresh_time_s": timer.total,
-                         "epoch_time_s": epoch_time, "time_s": elapsed,
+                         "epoch_time_s": epoch_time, "time_s": elapsed, **_damping_row(opt, marks),
                          **({"diverged": stopped} if stopped is not None else {}),
-                         **({"damping": damping_log} if train["damping_every"] else {})})
+                         **({"damping_report": damping_log} if train["damping_every"] else {})})
             if rdir is not None and ctx.is_main:
                 write_jsonl(rdir / METRICS, rows)
                 if train["checkpoint"] and epoch < train["epochs"] and stopped is None:
@@ -389,6 +396,52 @@ def _train(cfg: dict[str, Any], rid: str, rdir: Path | None, quiet: bool,
         if ckpt is not None:
             ckpt.unlink(missing_ok=True)
     return RunResult(rid, rdir, cfg, rows, summary)
+
+
+def _needs_closure(opt: Any) -> bool:
+    """Whether the optimizer re-evaluates the loss after its update (``damping_adapt``, :mod:`curvlab.damping`);
+    only then does the loop hand ``step`` a closure (the plain loop's cost and results are unchanged)."""
+    return getattr(opt, "lm", None) is not None
+
+
+class _Closure:
+    """The closure of ``opt.step(closure)`` for a loop that has already run the forward and backward: the first
+    call returns that loss (nothing is recomputed), every later call (the LM damping's ``h(theta + delta)``, made
+    inside :func:`curvlab.capture.paused`) runs ``zero_grad``, a forward and a backward on the same batch."""
+
+    def __init__(self, opt: Any, model: torch.nn.Module, task: str, x: torch.Tensor, y: torch.Tensor,
+                 loss: torch.Tensor) -> None:
+        self.opt, self.model, self.task, self.x, self.y, self.loss = opt, model, task, x, y, loss
+
+    def __call__(self) -> torch.Tensor:
+        if self.loss is not None:
+            loss, self.loss = self.loss, None
+            return loss
+        self.opt.zero_grad(set_to_none=True)
+        loss = _loss(self.task, self.model(self.x), self.y)
+        loss.backward()
+        return loss
+
+
+def _damping_row(opt: Any, start: tuple[int, int]) -> dict[str, Any]:
+    """The metrics of an adaptive damping (``damping_adapt`` / ``gamma_adapt``): the damping at the epoch's end and
+    the adaptations made in it (``step``, ``rho``, ``damping``; ``gamma`` for the curvature's damping). Empty for a
+    fixed damping, so a plain run's metrics keep their keys."""
+    if not _needs_closure(opt) and getattr(opt, "gamma", None) is None:
+        return {}
+    group = opt.param_groups[0]
+    row: dict[str, Any] = {"damping": group["damping"]}
+    if "gamma" in group:
+        row["gamma"] = group["gamma"]
+    row["damping_history"] = [{k: h[k] for k in ("step", "rho", "damping")}
+                              for h in opt.damping_history[start[0]:]]
+    if getattr(opt, "gamma", None) is not None:
+        row["gamma_history"] = [{k: h[k] for k in ("step", "gamma")} for h in opt.gamma_history[start[1]:]]
+    return row
+
+
+def _history_marks(opt: Any) -> tuple[int, int]:
+    return len(getattr(opt, "damping_history", [])), len(getattr(opt, "gamma_history", []))
 
 
 def _finite(x: Any) -> bool:

@@ -1,0 +1,117 @@
+"""Greedy adaptation of the curvature's own damping gamma (Martens & Grosse, ICML 2015, section 6.6; ALGORITHMS.md
+section 10), for every estimator whose damping enters ``solve``.
+
+Martens & Grosse keep two dampings: ``lambda`` in the quadratic model ``M`` (eq. Q.1, adapted by the LM rule of
+sec. 6.5, :mod:`curvlab.damping`) and the factor damping ``gamma`` of the approximate curvature ``C_gamma`` that
+gives the proposal ``Delta = -C_gamma^-1 g``. ``gamma_adapt=True`` separates them in curvlab: every param group
+gets a ``"gamma"`` entry (initially its ``damping``), the curvature's ``refresh`` / ``solve`` use ``gamma`` (times
+the parameterization's damping multiplier, like ``damping``), and ``damping`` stays ``lambda``: the quadratic model's
+(the ``qmodel`` rule's ``c = lambda + eta``, the LM rule's ``M``). Every ``gamma_interval`` steps ``T2`` (steps
+``t % T2 == 0``, the first included), before the update::
+
+    for gamma' in (omega2 gamma, gamma / omega2, gamma):  refresh the curvature with gamma', plan the rule's update
+                                                          delta(gamma') and evaluate M(delta(gamma')) - M(0)  (Q.1)
+    gamma <- the gamma' with the lowest M (ties keep gamma), clamped to [damping_min, damping_max];
+    the step applies delta(gamma)                          (omega2 = gamma_omega, default sqrt(19/20)^T2)
+
+``M`` is that of :mod:`curvlab.damping` (the exact curvature of the step's batch, ``lambda`` the group's
+``damping``, a coupled weight decay included); with ``rule="qmodel"`` it is the rule's own value for its
+model-optimized ``(alpha, mu)`` step (the paper's setting, sec. 7), for the other rules that of the rule's update as
+planned (e.g. ``-lr C_gamma^-1 g`` plus momentum). All groups move by the same factor.
+
+Cost, on a gamma step: three curvature refreshes (a fourth when a new gamma wins: the curvature must end refreshed
+with it) instead of at most one, all on the step's statistics, three rule plans, and the model's products -- for
+``qmodel`` its own forward-mode pass per plan, else ONE batched forward-mode pass for the three updates
+(:meth:`curvlab.quadratic.QuadraticModel.gram`). Amortized over ``T2`` steps that is ``~3 / T2`` of a refresh-step's
+factorization cost plus ``~1.5 / T2`` forward+backward passes per step (measured: README, ``curvlab bench --variant
+gamma``). A refresh re-factorizes: K-FAC's default ``damping_style="pi"`` inverts the damped factors (no cached
+eigendecomposition to reuse), Shampoo recomputes its roots, MBF its block inverses.
+
+Not supported (``ValueError`` at construction): estimators whose ``solve`` ignores the damping (``identity``) or
+uses it inside the backward pass (``isaac_fused=True``), and estimators without ``solve``. ``opt.gamma_history``
+gets one entry per gamma step (``step``, ``gamma``, ``gamma_before``, ``candidates``, ``changes``: the three
+``M - M(0)``) and is saved in the checkpoint; the group's ``gamma`` is part of ``param_groups`` (and
+``state_dict()``). A candidate whose update or model value is not finite scores ``+inf``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .damping import predicted_changes
+from .hyper import HyperParameterError
+
+#: the order the candidates are evaluated in (the current gamma last: when it wins, no extra refresh)
+ORDER = ("down", "up", "keep")
+
+
+class FactorDamping:
+    """The greedy gamma rule (module doc) of one :class:`curvlab.optim.CurvlabOptimizer`."""
+
+    def __init__(self, optimizer) -> None:
+        cfg = optimizer.config
+        self.opt = optimizer
+        self.interval = cfg["gamma_interval"]
+        self.omega = cfg["gamma_omega"] if cfg["gamma_omega"] is not None else math.sqrt(19 / 20) ** self.interval
+        self.low, self.high = cfg["damping_min"], cfg["damping_max"]
+        name = optimizer.names["estimator"]
+        if "solve" not in optimizer.estimator.provides:
+            raise ValueError(f"gamma_adapt needs an estimator with `solve`; {name!r} has none")
+        if not getattr(optimizer.estimator, "damped_solve", True):
+            raise ValueError(f"gamma_adapt: the {name!r} estimator's solve ignores the damping, so there is no "
+                             "curvature damping to adapt; pass gamma_adapt=False")
+        if cfg.get("isaac_fused"):
+            raise ValueError("gamma_adapt: isaac_fused=True applies the damping inside the backward pass, so the step "
+                             "cannot be re-solved with other dampings; pass isaac_fused=False or gamma_adapt=False")
+        if self.low > self.high:
+            raise HyperParameterError(f"damping_min ({self.low}) must not exceed damping_max ({self.high})")
+        for group in optimizer.param_groups:
+            group.setdefault("gamma", group["damping"])
+        self.history: list[dict[str, Any]] = optimizer.gamma_history
+
+    def due(self, t: int) -> bool:
+        return t % self.interval == 0
+
+    def _clamp(self, value: float) -> float:
+        return min(max(value, self.low), self.high)
+
+    def choose(self, stats) -> Any:
+        """Evaluate the three candidates (module doc), leave the curvature refreshed with the winner, set every
+        group's ``gamma`` and return the winner's plan."""
+        opt, rule = self.opt, self.opt.rule
+        groups = opt.param_groups
+        for group in groups:                          # a group added after construction
+            group.setdefault("gamma", group["damping"])
+        base = [g["gamma"] for g in groups]
+        factors = {"down": self.omega, "up": 1.0 / self.omega, "keep": 1.0}
+        plans, kept = [], []
+        for key in ORDER:
+            for group, b in zip(groups, base):
+                group["gamma"] = self._clamp(b * factors[key])
+            opt.refresh(force=True)
+            plans.append(rule.plan(opt.units, opt.state, stats))
+            kept.append({a: getattr(rule, a) for a in ("last", "predicted_change") if hasattr(rule, a)})
+        changes = [k.get("predicted_change") for k in kept]       # qmodel's own M of its (alpha, mu) step
+        if any(c is None for c in changes):
+            changes = [c for c, _ in predicted_changes(opt, plans)]
+        scores = [c if c is not None and math.isfinite(c) and _finite(p) else math.inf for c, p in zip(changes, plans)]
+        best = len(ORDER) - 1                         # ties keep the current gamma
+        for i in range(len(ORDER) - 1):
+            if scores[i] < scores[best]:
+                best = i
+        for group, b in zip(groups, base):
+            group["gamma"] = self._clamp(b * factors[ORDER[best]])
+        if best != len(ORDER) - 1:
+            opt.refresh(force=True)
+            for attr, value in kept[best].items():
+                setattr(rule, attr, value)
+        self.history.append({"step": opt.step_count, "gamma": groups[0]["gamma"], "gamma_before": base[0],
+                             "candidates": [self._clamp(base[0] * factors[k]) for k in ORDER],
+                             "changes": [c if c is not None else math.nan for c in changes], "choice": ORDER[best]})
+        return plans[best]
+
+
+def _finite(plan) -> bool:
+    from .kernels import all_finite
+
+    return all_finite(list(plan.tensors()))
