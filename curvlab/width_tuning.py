@@ -30,7 +30,7 @@ from typing import Any, Callable, Sequence
 
 from . import width_transfer as wt
 
-__all__ = ["tuning_methods", "base_width_runner", "edge_params", "tuned_hyper", "damping_at_best", "coord_check_ratios",
+__all__ = ["tuning_methods", "base_width_runner", "tuned_hyper", "damping_at_best", "coord_check_ratios",
            "transfer_claims", "format_claims", "run_tuned_width_transfer"]
 
 
@@ -87,21 +87,6 @@ def base_width_runner(fit_val: Any, fit_test: Any, settings: dict[str, Any]) -> 
         return out
 
     return run
-
-
-def edge_params(best: dict[str, Any], space: dict[str, Any], margin: float = 0.05) -> list[str]:
-    """The tuned parameters whose best value lies within ``margin`` (a fraction of the log range) of an end of
-    their range: the optimum may lie outside it."""
-    edges = []
-    for name, value in best.items():
-        spec = space.get(name)
-        if not isinstance(spec, dict) or "low" not in spec:
-            continue
-        lo, hi = math.log(spec["low"]), math.log(spec["high"])
-        pos = (math.log(value) - lo) / (hi - lo)
-        if pos <= margin or pos >= 1 - margin:
-            edges.append(name)
-    return edges
 
 
 def tuned_hyper(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -202,7 +187,7 @@ def run_tuned_width_transfer(settings: dict[str, Any], out: str | Path, stem: st
     ``num_train``, ``num_test``, ``pool``, ``val_fraction``, ``epochs``, ``batch_size``, ``loss``, ``sp_init``,
     ``seeds`` (sweep seeds, a count from ``seed``), ``trials`` (per method), ``sampler``, ``test_seeds`` (count),
     ``damping_range``, ``coord_widths``, ``data_dir``, ``device``, ``seed``."""
-    from .experiments.fair import fair_compare
+    from .experiments.fair import edge_params, fair_compare
     from .figures import mnist_or_fallback, save_figure, write_numbers
     from .validation import validation_split
 

@@ -49,7 +49,7 @@ the mean eigenvalue (<= 0.95) at every width. Tuned at width 32 (validation MSE;
 (0.0243 +- 0.0000).
 
 Robustness of the K-FAC rows (a second, K-FAC-only quick run, same protocol and 8 trials, damping ranges widened to
-[1e-6, 1]; ``out/kfac_wide`` in the worktree that made it): the 8 QMC trials then drew a different optimum (SP lr
+[1e-6, 1]; ``docs/figures/paper/mup_kfac_wide_damping.json``): the 8 QMC trials then drew a different optimum (SP lr
 0.088, damping 0.020; muP lr 0.29, rho_A0 0.029, rho_B0 0.057: none on an edge; validation MSE 0.0142 / 0.0143),
 and both scalings' best lr again drifted down one step at 256 (train loss: muP 0.25 -> 0.125, SP 0.125 -> 0.0625;
 validation: muP 0.5 -> 0.125, SP 0.125 -> 0.0625): the K-FAC verdict holds. muP's advantage over SP did not: train
