@@ -179,8 +179,14 @@ def _loss_and_acc(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str 
 def train_run(split: Any, estimator: str, scaling: str, width: int, lr: float, seed: int, *, hyper: dict[str, Any],
               epochs: float, batch_size: int, base_width: float, depth: int = 2, activation: str = "relu",
               sp_init: str = "matched", eval_train: int = 10_000, diverge_factor: float = 10.0,
-              loss: str = "cross_entropy") -> dict[str, Any]:
-    """One run of the sweep (classification with ``loss`` in :data:`LOSSES`); returns its record (module doc)."""
+              loss: str = "cross_entropy", diagnose: bool = False) -> dict[str, Any]:
+    """One run of the sweep (classification with ``loss`` in :data:`LOSSES`); returns its record (module doc).
+
+    The held-out part of ``split`` (its test tensors: the test set, or a validation part carved from the training
+    data, ``split.evaluated_on``) gives ``eval_loss`` and ``eval_acc``, with ``eval_on`` naming which it was.
+    ``diagnose``: also record :func:`curvlab.diagnostics.damping_metrics` of the final optimizer state
+    (``damping``: per layer and factor, the damping against the curvature's eigenvalues; ``{}`` for SGD, ``None``
+    for a diverged run)."""
     import curvlab
     from .data import batches
     from .divergence import Diverged
@@ -228,14 +234,20 @@ def train_run(split: Any, estimator: str, scaling: str, width: int, lr: float, s
                 break
     if opt.capture is not None:
         opt.capture.remove()
-    final, acc = (math.nan, math.nan) if diverged else _loss_and_acc(model, x_eval, y_eval, loss)
+    final = math.nan if diverged else _loss_and_acc(model, x_eval, y_eval, loss)[0]
     if not math.isfinite(final) or final > diverge_factor * max(initial, 1.0):
-        diverged, final, acc = True, math.nan, math.nan
-    if not diverged:
-        _, acc = _loss_and_acc(model, split.x_test, split.y_test)
-    return {"estimator": estimator, "scaling": scaling, "width": width, "lr": lr, "seed": seed,
-            "final_loss": final, "test_acc": acc, "diverged": diverged, "initial_loss": initial,
-            "steps": step, "skipped_steps": opt.skipped_steps, "error": error, "seconds": time.perf_counter() - start}
+        diverged, final = True, math.nan
+    held_loss, acc = (math.nan, math.nan) if diverged else _loss_and_acc(model, split.x_test, split.y_test, loss)
+    record = {"estimator": estimator, "scaling": scaling, "width": width, "lr": lr, "seed": seed,
+              "final_loss": final, "eval_loss": held_loss, "eval_acc": acc,
+              "eval_on": getattr(split, "evaluated_on", "test"), "diverged": diverged, "initial_loss": initial,
+              "steps": step, "skipped_steps": opt.skipped_steps, "error": error,
+              "seconds": time.perf_counter() - start}
+    if diagnose:                                     # a diverged run's statistics are not worth reading
+        from .diagnostics import damping_metrics
+
+        record["damping"] = None if diverged else damping_metrics(opt)
+    return record
 
 
 def lr_width_sweep(split: Any, *, estimators: Sequence[str] = ("kfac", "shampoo", "identity"),
@@ -244,13 +256,14 @@ def lr_width_sweep(split: Any, *, estimators: Sequence[str] = ("kfac", "shampoo"
                    lr_spacing: float = 2.0, seeds: Sequence[int] = (0,), epochs: float = 1.0, batch_size: int = 128,
                    base_width: float | None = None, depth: int = 2, activation: str = "relu",
                    sp_init: str = "matched", hyper: dict[str, dict[str, Any]] | None = None,
-                   eval_train: int = 10_000, loss: str = "cross_entropy",
+                   eval_train: int = 10_000, loss: str = "cross_entropy", diagnose: bool = False,
                    progress: bool = True) -> list[dict[str, Any]]:
     """Train every (estimator, scaling, width, lr, seed) combination on ``split``; one record per run.
 
     ``lrs``: one grid for all estimators, a dict per estimator, or ``None`` for :func:`lr_grid` around each
     estimator's suggested lr. ``base_width``: muP's ``M0`` and SP's matched init (``None``: ``min(widths)``).
-    ``hyper``: per-estimator overrides of :func:`estimator_hyper`."""
+    ``hyper``: per-estimator overrides of :func:`estimator_hyper`, or per ``"estimator/scaling"`` (those win; e.g.
+    a damping tuned per scaling). ``diagnose``: :func:`train_run`'s damping diagnostic for every run."""
     from tqdm.auto import tqdm
 
     from .registry import ESTIMATORS
@@ -268,10 +281,11 @@ def lr_width_sweep(split: Any, *, estimators: Sequence[str] = ("kfac", "shampoo"
             for lr in (lrs[e] if isinstance(lrs, dict) else lrs) for seed in seeds]
     records = []
     for e, s, w, lr, seed in tqdm(jobs, desc="lr x width", disable=not progress):
-        records.append(train_run(split, e, s, w, float(lr), seed, hyper=estimator_hyper(e, widths, hyper.get(e), loss),
+        override = {**hyper.get(e, {}), **hyper.get(f"{e}/{s}", {})}
+        records.append(train_run(split, e, s, w, float(lr), seed, hyper=estimator_hyper(e, widths, override, loss),
                                  epochs=epochs, batch_size=batch_size, base_width=base, depth=depth,
                                  activation=activation, sp_init=sp_init, eval_train=eval_train,
-                                 loss=loss))
+                                 loss=loss, diagnose=diagnose))
     return records
 
 

@@ -18,6 +18,7 @@ from curvlab.models import build_mlp
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID = [2.0 ** k for k in range(-4, 2)]                    # 1/16 .. 2
+SCALINGS = ("standard", "mup")
 
 
 def load_script(relative: str):
@@ -146,15 +147,40 @@ def test_paper_figure_tiny_mode_writes_its_files(tmp_path):
     res = script.main(["--mode", "tiny", "--out", str(tmp_path)])
     for ext in ("png", "pdf", "json"):
         assert (tmp_path / f"mup_width_transfer.{ext}").stat().st_size > 0
-    assert set(res["summary"]) == {f"{e}/{s}" for e in ("kfac", "shampoo", "identity") for s in ("standard", "mup")}
-    assert all(v == 0.0 for v in res["base_width_agreement"].values())
+    keys = {f"{e}/{s}" for e in ("kfac", "shampoo", "identity") for s in ("standard", "mup")}
+    assert set(res["summary"]) == set(res["summary_val"]) == set(res["budget"]) == keys
+    # the same budget for every method; damping in every second-order space; K-FAC-muP's rho_B0 in the same count
+    assert {b["trials"] for b in res["budget"].values()} == {script.MODES["tiny"]["trials"]}
+    assert all("damping" in res["budget"][f"{e}/{s}"]["space"] for e in ("kfac", "shampoo") for s in SCALINGS)
+    assert set(res["budget"]["kfac/mup"]["space"]) == {"lr", "damping", "mup_rho_B0"}
+    assert set(res["budget"]["identity/mup"]["space"]) == {"lr"}
+    # the tuned damping is what the sweep ran with
+    for key, b in res["budget"].items():
+        for name, value in b["best"].items():
+            if name != "lr":
+                assert res["config"]["hyper"][key][name] == value
+    # every sweep run was evaluated on the validation part, never on the test set
+    assert {r["eval_on"] for r in res["records"]} == {"validation"}
+    # SP and muP are the same run at the base width where they share a space (K-FAC-muP tunes rho_B0 apart)
+    assert res["base_width_agreement"]["shampoo"] == 0.0 and res["base_width_agreement"]["identity"] == 0.0
+    assert set(res["claims"]["train_loss"]) == {"kfac", "shampoo", "identity"}
+    assert set(res["coord_check_bias"]) == keys
+    saved = json.loads((tmp_path / "mup_width_transfer.json").read_text())
+    assert saved["tuning"]["trials"] == script.MODES["tiny"]["trials"]
 
 
-def test_mse_loss_is_torch_mse_on_one_hot_targets():
-    g = torch.Generator().manual_seed(1)
-    out, y = torch.randn(7, 4, generator=g, dtype=torch.float64), torch.randint(0, 4, (7,), generator=g)
-    ref = torch.nn.MSELoss()(out, torch.nn.functional.one_hot(y, 4).double())
-    assert float(wt._loss("mse", out, y)) == pytest.approx(float(ref), rel=1e-14)
-    assert wt._loss("mse", out, y, reduction="sum") == pytest.approx(7 * float(ref), rel=1e-15)
-    with pytest.raises(ValueError, match="loss must be one of"):
-        wt.lr_width_sweep(_tiny_split(), widths=[8], lrs=[0.1], loss="hinge")
+def test_train_run_reports_its_held_out_part_and_damping():
+    from curvlab.validation import validation_split
+
+    split = validation_split(_tiny_split(80), 0.25, 0, "validation")
+    rec = wt.train_run(split, "kfac", "mup", 8, 0.05, 0, hyper={"damping": 0.1}, epochs=1, batch_size=16,
+                       base_width=8, loss="mse", diagnose=True)
+    assert rec["eval_on"] == "validation" and math.isfinite(rec["eval_loss"]) and 0 <= rec["eval_acc"] <= 1
+    # K-FAC, three layers, explicit damping: an A and a G row each
+    assert sorted(rec["damping"]) == sorted(f"{n}/{f}" for n in ("0", "2", "4") for f in ("A", "G"))
+    sgd = wt.train_run(split, "identity", "standard", 8, 0.05, 0, hyper={}, epochs=1, batch_size=16,
+                       base_width=8, diagnose=True)
+    assert sgd["damping"] == {} and sgd["eval_on"] == "validation"
+    bad = wt.train_run(split, "identity", "standard", 8, 1e6, 0, hyper={"momentum": 0.9}, epochs=2, batch_size=16,
+                       base_width=8, diagnose=True)
+    assert bad["diverged"] and bad["damping"] is None and math.isnan(bad["eval_loss"])
