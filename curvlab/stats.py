@@ -46,10 +46,14 @@ class LayerStats:
         rows = [convert(self.module, t).to(self.dtype) for t in tensors]   # integer inputs: embeddings
         return torch.cat(rows, dim=1) if len(rows) > 1 else rows[0]
 
+    def _record_rows(self, convert) -> torch.Tensor:
+        """Every record's rows (:meth:`_use_rows`), concatenated along the examples."""
+        rows = [self._use_rows(convert, [u.inputs for u in r.uses]) for r in self.records]
+        return torch.cat(rows) if len(rows) > 1 else rows[0]
+
     @cached_property
     def _inputs(self) -> torch.Tensor:
-        rows = [self._use_rows(self.adapter.input_rows, [u.inputs for u in r.uses]) for r in self.records]
-        return torch.cat(rows) if len(rows) > 1 else rows[0]
+        return self._record_rows(self.adapter.input_rows)
 
     def input_rows(self) -> torch.Tensor:
         """``(N, T, d_in [+1])`` homogeneous inputs, in the statistics dtype; the uses of a layer applied
@@ -60,17 +64,11 @@ class LayerStats:
     def _raw_inputs(self) -> torch.Tensor | None:
         """``input_rows()`` without its homogeneous column, when that is how the adapter builds it (the bias
         trains with the weight) and the homogeneous rows were not formed already; else ``None``."""
-        adapter, module = self.adapter, self.module
-        if "_inputs" in self.__dict__ or not (adapter.weight_trained and adapter.has_bias(module)):
+        adapter = self.adapter
+        if ("_inputs" in self.__dict__ or not (adapter.weight_trained and adapter.has_bias(self.module))
+                or type(adapter).raw_input_rows is LayerAdapter.raw_input_rows):     # the adapter has no raw rows
             return None
-        rows = []
-        for r in self.records:
-            uses = [adapter.raw_input_rows(module, u.inputs) for u in r.uses]
-            if any(u is None for u in uses):
-                return None
-            uses = [u.to(self.dtype) for u in uses]
-            rows.append(torch.cat(uses, dim=1) if len(uses) > 1 else uses[0])
-        return torch.cat(rows) if len(rows) > 1 else rows[0]
+        return self._record_rows(adapter.raw_input_rows)
 
     def output_rows(self, kind: str, per: str = "example") -> list[tuple[torch.Tensor, float]]:
         """Output-gradient rows ``(N, T, d_out)`` with their weights; see the module doc.

@@ -84,7 +84,10 @@ class NaturalGradient(UpdateRule):
                 if decoupled and wd:                   # rare: the per-tensor form, decay on the old theta
                     m = d * scale if scale != 1.0 else d
                     if keep:
-                        m = m.clone() if buf is None and scale == 1.0 else (m if buf is None else m.add(buf, alpha=mu))
+                        if buf is not None:
+                            m = m.add(buf, alpha=mu)
+                        elif m is d:                   # never store (or later mutate) the gradient itself
+                            m = d.clone()
                         plan.state.append((p, key, m))
                     plan.updates.append((p, (m * (-lr)).add_(p, alpha=-lr * wd)))
                 elif buf is None:
