@@ -40,6 +40,7 @@ from typing import Any
 
 from .damping import predicted_changes
 from .hyper import HyperParameterError
+from .kernels import all_finite
 
 #: the order the candidates are evaluated in (the current gamma last: when it wins, no extra refresh)
 ORDER = ("down", "up", "keep")
@@ -94,7 +95,7 @@ class FactorDamping:
         changes = [k.get("predicted_change") for k in kept]       # qmodel's own M of its (alpha, mu) step
         if any(c is None for c in changes):
             changes = [c for c, _ in predicted_changes(opt, plans)]
-        scores = [c if c is not None and math.isfinite(c) and _finite(p) else math.inf for c, p in zip(changes, plans)]
+        scores = [c if c is not None and math.isfinite(c) and all_finite(p.tensors()) else math.inf for c, p in zip(changes, plans)]
         best = len(ORDER) - 1                         # ties keep the current gamma
         for i in range(len(ORDER) - 1):
             if scores[i] < scores[best]:
@@ -109,9 +110,3 @@ class FactorDamping:
                              "candidates": [self._clamp(base[0] * factors[k]) for k in ORDER],
                              "changes": [c if c is not None else math.nan for c in changes], "choice": ORDER[best]})
         return plans[best]
-
-
-def _finite(plan) -> bool:
-    from .kernels import all_finite
-
-    return all_finite(list(plan.tensors()))
