@@ -89,6 +89,11 @@ MECHANISMS: dict[str, dict[str, Any]] = {
     # the curvature refreshed at once when the LM damping moved (the curvature sees a new damping the next step)
     "lm+refresh": {"damping_refresh": True},
     "lm+gamma+refresh": {"gamma_adapt": True, "damping_refresh": True},
+    # no LM: the curvature's gamma chosen by the NEXT batch's loss at the three candidate updates (a held-out,
+    # paired comparison; curvlab.factor_damping gamma_score="next"), every 20 steps (omega2 0.599) or every 5 (0.774)
+    "gamma-next": {"damping_adapt": None, "gamma_adapt": True, "gamma_score": "next"},
+    "gamma-next-5": {"damping_adapt": None, "gamma_adapt": True, "gamma_score": "next", "gamma_interval": 5},
+    "lm+gamma-next": {"gamma_adapt": True, "gamma_score": "next"},
 }
 
 
@@ -119,10 +124,8 @@ def train(estimator: str, rule: str, damping: float, adaptive: bool, data: dict[
     torch.manual_seed(seed)
     model = mlp(x.shape[1], cfg["width"], 2, data["classes"], "relu").to(x.device)
     hyper = hyper_for(estimator, rule, cfg.get("kl_clip", "suggested"))
-    opt = curvlab.optimizer(model, estimator, rule, seed=seed, damping=damping,
-                            damping_adapt="lm" if adaptive else None, **(MECHANISMS[mechanism] if adaptive else {}),
-                            **({"damping_rho": rho} if adaptive else {}),
-                            **hyper)
+    adapt = {"damping_adapt": "lm", "damping_rho": rho, **MECHANISMS[mechanism]} if adaptive else {}
+    opt = curvlab.optimizer(model, estimator, rule, seed=seed, damping=damping, **adapt, **hyper)
 
     def evaluate() -> float:
         with torch.no_grad(), curvlab.capture.paused():

@@ -156,34 +156,13 @@ class LevenbergMarquardt:
         pending, self.pending = self.pending, None
         opt = self.opt
         params = opt.flat_params()
-        moved = [(params[i], theta) for i, theta in pending.theta.items()]
-        here = [p.detach().clone() for p, _ in moved]
-        grads = [(p, None if p.grad is None else p.grad.detach().clone()) for p in params]
-        opt._keep_records = True                     # the closure's zero_grad must not drop this step's records
-        try:
-            with torch.no_grad():
-                for p, theta in moved:
-                    p.copy_(theta)
-            with paused(), torch.enable_grad():
-                h_before = closure()
-        finally:
-            opt._keep_records = False
-            with torch.no_grad():
-                for p, value in zip((p for p, _ in moved), here):
-                    p.copy_(value)
-                for p, g in grads:
-                    p.grad = g
+        h_before, = losses_at(opt, closure, [{params[i]: theta for i, theta in pending.theta.items()}])
         self._update(pending, h_before, h_after, measured_at=opt.step_count)
 
     def _update(self, pending: Pending, h_before: Any, h_after: Any, measured_at: int | None = None) -> None:
         """rho (Q.2) from the two losses (averaged over the ranks) and the damping update (Q.3)."""
         opt = self.opt
-        losses = torch.tensor([float(h_before), float(h_after)], dtype=torch.float64)
-        if opt.dist.active:
-            buf = losses.to(opt.dist.device)
-            opt.dist._all_reduce(buf, "damping")
-            losses = buf.cpu() / opt.dist.world
-        h0, h1 = losses.tolist()
+        h0, h1 = rank_mean(opt, [h_before, h_after])
         h1_total = h1 + pending.l2
         if not (math.isfinite(pending.predicted) and pending.predicted < 0):
             rho = math.nan
@@ -218,6 +197,45 @@ class LevenbergMarquardt:
         self.pending = None if state is None or not self.held_out else Pending(      # "same" has no use for it
             state["step"], state["predicted"], state["l2"],
             {int(i): t.detach().clone().to(self.opt.flat_params()[int(i)]) for i, t in state["theta"].items()})
+
+
+def rank_mean(opt, values: list[Any]) -> list[float]:
+    """``values`` (losses) as floats, averaged over the data-parallel ranks (DDP's gradient convention)."""
+    losses = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    if opt.dist.active:
+        buf = losses.to(opt.dist.device)
+        opt.dist._all_reduce(buf, "damping")
+        losses = buf.cpu() / opt.dist.world
+    return losses.tolist()
+
+
+def losses_at(opt, closure: Callable, points: list[dict[torch.Tensor, torch.Tensor]]) -> list[Any]:
+    """The closure's loss at each of ``points`` (``{param: value}``; parameters not named keep their value), one
+    closure call per point inside :func:`curvlab.capture.paused`; the parameters and every ``.grad`` are restored bit
+    for bit afterwards and the records the step's own closure call made (captured statistics, quadratic-model
+    records) are kept. Used for held-out evaluations on the step after an adaptation step (``damping_rho="next"``,
+    ``gamma_score="next"``)."""
+    params = opt.flat_params()
+    moved = list({p for point in points for p in point})
+    here = [p.detach().clone() for p in moved]
+    grads = [(p, None if p.grad is None else p.grad.detach().clone()) for p in params]
+    losses = []
+    opt._keep_records = True                     # the closure's zero_grad must not drop this step's records
+    try:
+        for point in points:
+            with torch.no_grad():
+                for p, value in zip(moved, here):
+                    p.copy_(point.get(p, value))
+            with paused(), torch.enable_grad():
+                losses.append(closure())
+    finally:
+        opt._keep_records = False
+        with torch.no_grad():
+            for p, value in zip(moved, here):
+                p.copy_(value)
+            for p, g in grads:
+                p.grad = g
+    return losses
 
 
 def predicted_changes(opt, plans, curvature: bool = True) -> list[tuple[float, float]]:
@@ -262,11 +280,12 @@ def attach_adaptive(optimizer) -> None:
     optimizer.lm = lm = LevenbergMarquardt(optimizer) if optimizer.config["damping_adapt"] else None
     optimizer.gamma = gamma = FactorDamping(optimizer) if optimizer.config["gamma_adapt"] else None
     wants = bool(getattr(optimizer.rule, "quadratic_model", False))
+    gamma_model = gamma is not None and gamma.needs_model
     optimizer.quadratic = None
-    if wants or lm is not None or gamma is not None:
+    if wants or lm is not None or gamma_model:
         t = lambda: optimizer.step_count  # noqa: E731
         optimizer.quadratic = QuadraticModel(
             optimizer.model, optimizer.config["loss"], [p for u in optimizer.units for p in u.params],
             dist=optimizer.dist,
-            active=lambda: wants or (lm is not None and lm.due(t())) or (gamma is not None and gamma.due(t())))
+            active=lambda: wants or (lm is not None and lm.due(t())) or (gamma_model and gamma.due(t())))
         optimizer.register_step_post_hook(lambda opt, args, kwargs: opt.quadratic.clear())

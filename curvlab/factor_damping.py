@@ -27,6 +27,24 @@ factorization cost plus ``~1.5 / T2`` forward+backward passes per step (measured
 gamma``). A refresh re-factorizes: K-FAC's default ``damping_style="pi"`` inverts the damped factors (no cached
 eigendecomposition to reuse), Shampoo recomputes its roots, MBF its block inverses.
 
+``gamma_score`` says what scores the candidates. ``"model"`` (default) is the paper's ``M(delta(gamma')) - M(0)``
+above, on the step's own batch. ``"next"`` scores them by the loss of the NEXT step's batch ``B'`` at the three
+candidate points, a held-out, paired comparison::
+
+    gamma <- argmin over gamma' of h_B'(theta + delta(gamma'))       (ties keep gamma)
+
+On the gamma step the three plans are made as above, but the step applies the current gamma's ``delta(gamma)`` (the
+winner is not known yet) and keeps ``delta(gamma') - delta(gamma)`` of the other two (two parameter-sized
+tensors each; saved in the checkpoint). The next step's ordinary closure call gives ``h_B'(theta + delta(gamma))``;
+two more closure calls (:func:`curvlab.damping.losses_at`: paused, parameters and ``.grad`` restored bit for bit,
+that step's records kept) give the other two; the winner becomes every group's ``gamma`` and the curvature is
+refreshed with it before that step plans. ``M`` is not needed (no forward-mode pass; with ``rule="qmodel"`` the rule
+still uses its own). Why: on the step's own batch the exact model prefers whichever gamma gives the longer step that
+it predicts well, which is not the damping that suits the approximate curvature on other data (analysis/README.md,
+"Adaptive damping"); a paired comparison on a held-out batch measures that directly, at two extra forward+backward
+passes per gamma step. It needs ``step(closure)`` on the step after each gamma step (``ValueError`` naming
+``gamma_score`` otherwise). History entries add ``losses`` (the three held-out losses, ``ORDER``) and ``measured_at``.
+
 Not supported (``ValueError`` at construction): estimators whose ``solve`` ignores the damping (``identity``) or
 uses it inside the backward pass (``isaac_fused=True``), and estimators without ``solve``. ``opt.gamma_history``
 gets one entry per gamma step (``step``, ``gamma``, ``gamma_before``, ``candidates``, ``changes``: the three
@@ -38,7 +56,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .damping import predicted_changes
+import torch
+
+from .damping import CLOSURE_LOOP, losses_at, predicted_changes, rank_mean
 from .hyper import HyperParameterError
 from .kernels import all_finite
 
@@ -69,6 +89,21 @@ class FactorDamping:
         for group in optimizer.param_groups:
             group.setdefault("gamma", group["damping"])
         self.history: list[dict[str, Any]] = optimizer.gamma_history
+        self.held_out = cfg["gamma_score"] == "next"
+        self.proposed: dict[str, Any] | None = None    # gamma_score="next": made by choose(), kept once applied
+        self.pending: dict[str, Any] | None = None     # ... awaiting the next step's batch
+
+    @property
+    def needs_model(self) -> bool:
+        """Whether gamma steps evaluate the quadratic model ``M`` (``gamma_score="model"``)."""
+        return not self.held_out
+
+    def check_closure(self, closure, t: int) -> None:
+        if closure is None and self.pending is not None:
+            raise ValueError(
+                f"gamma_score='next' scores the gamma candidates of step {self.pending['step']} on the batch of the "
+                f"next step (this is step {t}): call opt.step(closure) with a closure that re-evaluates the loss, the "
+                f"standard PyTorch loop:\n{CLOSURE_LOOP}\nor pass gamma_score='model'")
 
     def due(self, t: int) -> bool:
         return t % self.interval == 0
@@ -92,6 +127,8 @@ class FactorDamping:
             opt.refresh(force=True)
             plans.append(rule.plan(opt.units, opt.state, stats))
             kept.append({a: getattr(rule, a) for a in ("last", "predicted_change") if hasattr(rule, a)})
+        if self.held_out:
+            return self._propose(plans, base, factors)
         changes = [k.get("predicted_change") for k in kept]       # qmodel's own M of its (alpha, mu) step
         if any(c is None for c in changes):
             changes = [c for c, _ in predicted_changes(opt, plans)]
@@ -110,3 +147,70 @@ class FactorDamping:
                              "candidates": [self._clamp(base[0] * factors[k]) for k in ORDER],
                              "changes": [c if c is not None else math.nan for c in changes], "choice": ORDER[best]})
         return plans[best]
+
+    # -- gamma_score="next" ------------------------------------------------------------------------------------
+    def _propose(self, plans, base: list[float], factors: dict[str, float]):
+        """Keep the other candidates' offsets ``delta(gamma') - delta(gamma)``; the current gamma's plan is applied
+        (the curvature is already refreshed with it: "keep" was evaluated last)."""
+        keep = dict(plans[-1].deltas())
+        offsets = []
+        for plan in plans[:-1]:
+            mine = dict(plan.deltas())
+            finite = all_finite(plan.tensors())
+            offsets.append({p: mine.get(p, torch.zeros_like(p)) - keep.get(p, torch.zeros_like(p))
+                            for p in set(mine) | set(keep)} if finite else None)
+        self.proposed = {"step": self.opt.step_count, "base": base,
+                         "candidates": [[self._clamp(b * factors[k]) for b in base] for k in ORDER],
+                         "offsets": offsets}
+        return plans[-1]
+
+    def commit(self) -> None:
+        """After the step applied the current gamma's plan: its proposal waits for the next batch."""
+        self.pending, self.proposed = self.proposed, None
+
+    def resolve(self, closure, h_keep) -> None:
+        """``gamma_score="next"``, at the start of the step after a gamma step, once its closure returned
+        ``h_keep = h_B'(theta + delta(gamma))``: the other candidates' losses (two closure calls), the choice, and a
+        refresh with the winner."""
+        if self.pending is None:
+            return
+        if h_keep is None:
+            raise ValueError("gamma_score='next': the closure passed to step() must return the loss")
+        pending, self.pending = self.pending, None
+        opt = self.opt
+        scored = [i for i, off in enumerate(pending["offsets"]) if off is not None]
+        points = [{p: p.detach() + d for p, d in pending["offsets"][i].items()} for i in scored]
+        found = dict(zip(scored, losses_at(opt, closure, points)))
+        values = rank_mean(opt, [found.get(i, math.inf) for i in range(len(ORDER) - 1)] + [h_keep])
+        losses = [v if math.isfinite(v) else math.inf for v in values]
+        best = len(ORDER) - 1                         # ties keep the current gamma
+        for i in range(len(ORDER) - 1):
+            if losses[i] < losses[best]:
+                best = i
+        chosen = pending["candidates"][best]
+        for group, value in zip(opt.param_groups, chosen):
+            group["gamma"] = value
+        if best != len(ORDER) - 1:
+            opt.refresh_next = True                   # this step refreshes with the winner before it plans
+        self.history.append({"step": pending["step"], "gamma": chosen[0], "gamma_before": pending["base"][0],
+                             "candidates": [c[0] for c in pending["candidates"]], "losses": losses,
+                             "choice": ORDER[best], "measured_at": opt.step_count})
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """The pending proposal of ``gamma_score="next"`` (offsets by parameter index; None when there is none)."""
+        if self.pending is None:
+            return None
+        index = {p: i for i, p in enumerate(self.opt.flat_params())}
+        return {**{k: v for k, v in self.pending.items() if k != "offsets"},
+                "offsets": [None if off is None else {index[p]: d.clone() for p, d in off.items()}
+                            for off in self.pending["offsets"]]}
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        self.proposed = None
+        if state is None or not self.held_out:
+            self.pending = None
+            return
+        params = self.opt.flat_params()
+        self.pending = {**{k: v for k, v in state.items() if k != "offsets"},
+                        "offsets": [None if off is None else {params[int(i)]: d.detach().clone().to(params[int(i)])
+                                                              for i, d in off.items()} for off in state["offsets"]]}

@@ -23,7 +23,7 @@ Adaptive damping (:mod:`curvlab.damping`, Martens & Grosse 2015 sec. 6.5): ``dam
 ``damping_interval`` (T1), ``damping_omega``, ``damping_min``/``damping_max``, ``damping_thresholds``,
 ``damping_refresh``, ``damping_rho`` (``"same"``/``"next"``); the
 curvature's own damping gamma (:mod:`curvlab.factor_damping`, sec. 6.6): ``gamma_adapt``, ``gamma_interval`` (T2),
-``gamma_omega``.
+``gamma_omega``, ``gamma_score`` (``"model"``/``"next"``).
 
 Data parallelism (:mod:`curvlab.distributed`): ``data_parallel`` (``"auto"``/True/False) and
 ``data_parallel_refresh`` (``"replicated"``/``"distributed"``).
@@ -220,6 +220,9 @@ COMMON: dict[str, Option] = {
     "gamma_omega": Option(None, lambda name, v: _omega(name, v, "sqrt(19/20)^gamma_interval"),
                           "omega2 in (0, 1): the gamma candidates are gamma * omega2, gamma, gamma / omega2 "
                           "(None = sqrt(19/20)^gamma_interval)"),
+    "gamma_score": Option("model", one_of("model", "next"), "what chooses gamma: 'model' = the lowest M(delta) on the "
+                          "step's batch (Martens & Grosse 6.6); 'next' = the lowest loss of the next step's batch at the "
+                          "three candidate updates (held out; needs the closure on the step after each gamma step)"),
     "data_parallel": Option("auto", _data_parallel,
                             "torch.distributed data parallelism (curvlab.distributed): 'auto' = on for a DDP model or "
                             "a process group of > 1 ranks; True = require a process group; False = this rank only"),

@@ -279,6 +279,8 @@ class CurvlabOptimizer(torch.optim.Optimizer):
     def step(self, closure: Callable[[], torch.Tensor] | None = None):
         if self.lm is not None:                             # adaptive damping needs the closure (curvlab.damping)
             self.lm.check_closure(closure, self._t)
+        if self.gamma is not None:                          # gamma_score="next" (curvlab.factor_damping)
+            self.gamma.check_closure(closure, self._t)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -286,6 +288,8 @@ class CurvlabOptimizer(torch.optim.Optimizer):
             check_closure_loss(self, loss)                  # NaN/Inf loss: curvlab.Diverged
             if self.lm is not None and self.lm.pending is not None:
                 self.lm.resolve(closure, loss)              # damping_rho="next": rho of the last adaptation step
+            if self.gamma is not None and self.gamma.pending is not None:
+                self.gamma.resolve(closure, loss)           # gamma_score="next": the last gamma step's choice
         self._check_model_unchanged()
         check_groups(self)
         self.dist.reduce_gradients(self.units)              # raw model + process group only
@@ -308,7 +312,8 @@ class CurvlabOptimizer(torch.optim.Optimizer):
             self.refresh(force=due or self._t % self.config["inv_interval"] == 0)
         first_order_where_uncaptured(self, grads, stats, stat_step)
         with section(self.sections, "rule"), activated(self.sections):   # solves inside: "precondition"
-            if self.gamma is not None and self.gamma.due(self._t):       # curvlab.factor_damping
+            gamma_step = self.gamma is not None and self.gamma.due(self._t)
+            if gamma_step:                                               # curvlab.factor_damping
                 plan = self.gamma.choose(stats)
             else:
                 plan = self.rule.plan(self.units, self.state, stats)
@@ -318,6 +323,8 @@ class CurvlabOptimizer(torch.optim.Optimizer):
                 return loss
             pending = self.lm.predict(plan) if self.lm is not None and self.lm.due(self._t) else None
             plan.apply(self.state)
+            if gamma_step:
+                self.gamma.commit()
         if self.capture:
             self.capture.clear()
         self._t += 1
@@ -325,6 +332,12 @@ class CurvlabOptimizer(torch.optim.Optimizer):
         if pending is not None:
             self.lm.after_update(pending, closure, loss)
         return loss
+
+    @property
+    def needs_closure(self) -> bool:
+        """Whether ``step`` must be given a closure that re-evaluates the loss (``damping_adapt``, or
+        ``gamma_adapt`` with ``gamma_score="next"``: :mod:`curvlab.damping`, :mod:`curvlab.factor_damping`)."""
+        return self.lm is not None or (self.gamma is not None and self.gamma.held_out)
 
     # -- inspection ------------------------------------------------------------------------------------
     def flat_params(self) -> list[torch.Tensor]:
@@ -373,6 +386,7 @@ class CurvlabOptimizer(torch.optim.Optimizer):
             "gamma_history": list(self.gamma_history),
             "refresh_next": self.refresh_next,
             **({"damping_pending": self.lm.state_dict()} if self.lm is not None and self.lm.held_out else {}),
+            **({"gamma_pending": self.gamma.state_dict()} if self.gamma is not None and self.gamma.held_out else {}),
         }
         return sd
 
@@ -401,6 +415,8 @@ class CurvlabOptimizer(torch.optim.Optimizer):
         self.refresh_next = bool(extra.get("refresh_next", False))
         if self.lm is not None:
             self.lm.load_state_dict(extra.get("damping_pending"))
+        if self.gamma is not None:
+            self.gamma.load_state_dict(extra.get("gamma_pending"))
         for unit in self.units:
             if unit.preconditioned:
                 unit.curvature.load_state_dict(extra["curvature"][unit.name])

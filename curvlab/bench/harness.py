@@ -203,7 +203,7 @@ class TimedStep:
         self.loss_fn, self.sync, self.clock = _loss_fn(loss), sync, clock
         self.fwd_bwd_s, self.calls = 0.0, 0
         self._initial = [p.detach().clone() for p in model.parameters()]
-        self.use_closure = bool(getattr(opt, "config", {}).get("damping_adapt"))
+        self.use_closure = bool(getattr(opt, "needs_closure", False))
 
     def restore_parameters(self) -> None:
         """Put the parameters back to their initial values (in place; the optimizer state is kept), so that

@@ -401,7 +401,7 @@ def _train(cfg: dict[str, Any], rid: str, rdir: Path | None, quiet: bool,
 def _needs_closure(opt: Any) -> bool:
     """Whether the optimizer re-evaluates the loss after its update (``damping_adapt``, :mod:`curvlab.damping`);
     only then does the loop hand ``step`` a closure (the plain loop's cost and results are unchanged)."""
-    return getattr(opt, "lm", None) is not None
+    return bool(getattr(opt, "needs_closure", False))
 
 
 class _Closure:
