@@ -17,7 +17,8 @@ curvature, the random draws of ``fisher="mc"`` and the next update bit-for-bit u
 * passes under ``torch.no_grad()``, inside :func:`paused`, and layers called outside a forward of the model
   the optimizer was built on (``model.head(x)``) are not recorded at all;
 * ``optimizer.zero_grad()`` discards what earlier training passes recorded (their gradients are gone too);
-  forwards not yet back-propagated are kept (``forward; zero_grad; backward`` works). ``model.zero_grad()``
+  forwards not yet back-propagated are kept (``forward; zero_grad; backward`` works); inside :func:`paused` it
+  discards nothing (an evaluation closure run between a training pass and ``step()``). ``model.zero_grad()``
   or ``p.grad = None`` by hand are not seen: use the optimizer's ``zero_grad``.
 
 Several training passes between two steps are pooled as one batch: the objective is the MEAN over all their

@@ -213,14 +213,13 @@ def losses_at(opt, closure: Callable, points: list[dict[torch.Tensor, torch.Tens
     """The closure's loss at each of ``points`` (``{param: value}``; parameters not named keep their value), one
     closure call per point inside :func:`curvlab.capture.paused`; the parameters and every ``.grad`` are restored bit
     for bit afterwards and the records the step's own closure call made (captured statistics, quadratic-model
-    records) are kept. Used for held-out evaluations on the step after an adaptation step (``damping_rho="next"``,
+    records) are kept (the closure's ``zero_grad`` discards nothing while paused). Used for held-out evaluations on the step after an adaptation step (``damping_rho="next"``,
     ``gamma_score="next"``)."""
     params = opt.flat_params()
     moved = list({p for point in points for p in point})
     here = [p.detach().clone() for p in moved]
     grads = [(p, None if p.grad is None else p.grad.detach().clone()) for p in params]
     losses = []
-    opt._keep_records = True                     # the closure's zero_grad must not drop this step's records
     try:
         for point in points:
             with torch.no_grad():
@@ -229,7 +228,6 @@ def losses_at(opt, closure: Callable, points: list[dict[torch.Tensor, torch.Tens
             with paused(), torch.enable_grad():
                 losses.append(closure())
     finally:
-        opt._keep_records = False
         with torch.no_grad():
             for p, value in zip(moved, here):
                 p.copy_(value)

@@ -35,7 +35,7 @@ from . import estimators as _estimators  # noqa: F401  (register built-ins)
 from . import rules as _rules  # noqa: F401
 from . import scalings as _scalings  # noqa: F401
 from .adapters import UnsupportedLayer, find_adapter
-from .capture import HookCapture
+from .capture import HookCapture, is_paused
 from .damping import attach_adaptive
 from .distributed import DataParallel
 from .divergence import SkipStreak, check_closure_loss, nonfinite_units
@@ -217,9 +217,11 @@ class CurvlabOptimizer(torch.optim.Optimizer):
         self._streak.skip(reason, layers)                  # logs the first skip in a row; raises curvlab.Diverged
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """``torch.optim.Optimizer.zero_grad``; also forgets what the discarded training passes recorded."""
+        """``torch.optim.Optimizer.zero_grad``; also forgets what the discarded training passes recorded, except
+        inside :func:`curvlab.capture.paused` (an evaluation closure, e.g. the adaptive dampings' extra calls:
+        there curvlab neither records nor discards)."""
         super().zero_grad(set_to_none=set_to_none)
-        if getattr(self, "_keep_records", False):          # curvlab.damping's extra call (damping_rho="next")
+        if is_paused():
             return
         if getattr(self, "capture", None) is not None:
             self.capture.discard()

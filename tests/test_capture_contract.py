@@ -221,3 +221,35 @@ def test_never_called_layer_falls_back_with_one_warning(estimator, rule):
         with pytest.raises(RuntimeError, match=r"'proj'.*strict=True"):
             strict.step()
         assert m is strict.param_groups[0]["params"][0]
+
+
+@pytest.mark.parametrize("estimator,rule", PAIRS, ids=IDS)
+def test_an_evaluation_closure_inside_paused_leaves_the_step_unchanged(estimator, rule):
+    """``zero_grad``, forward and backward of another batch inside ``paused()`` between the training pass and
+    ``step()`` (the adaptive dampings' extra closure calls): with ``.grad`` put back, the step is the plain one."""
+    def evaluate(model, opt):
+        saved = [p.grad.clone() for p in model.parameters()]
+        with curvlab.capture.paused():
+            opt.zero_grad()
+            F.cross_entropy(model(torch.linspace(-1, 1, 30).reshape(5, 6)), torch.tensor([0, 1, 2, 0, 1])).backward()
+        for p, g in zip(model.parameters(), saved):
+            p.grad = g
+
+    runs = []
+    for between in (None, evaluate):
+        model = net()
+        opt = curvlab.optimizer(model, estimator, rule, **hyper(estimator, rule))
+        x, y = data()
+        for k in range(3):
+            opt.zero_grad()
+            F.cross_entropy(model(x + 0.1 * k), y).backward()
+            if between is not None:
+                between(model, opt)
+            opt.step()
+        runs.append((model, opt))
+    (ref, ref_opt), (model, opt) = runs
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert torch.equal(p, q), f"{estimator}/{rule}: parameter {name} changed by a paused evaluation closure"
+    mine, theirs = state_tensors(opt), state_tensors(ref_opt)
+    assert len(mine) == len(theirs) and all(torch.equal(a, b) for a, b in zip(mine, theirs)), \
+        f"{estimator}/{rule}: optimizer state changed by a paused evaluation closure"
