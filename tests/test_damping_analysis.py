@@ -139,3 +139,16 @@ def test_tiny_mechanism_reuses_the_fixed_grid_and_records_gamma(tiny, tmp_path):
     with pytest.raises(ValueError, match="--reuse-fixed.*its rule is 'natural'"):
         damping.main(["--mode", "tiny", "--rule", "qmodel", "--reuse-fixed", str(out / "damping.json"),
                       "--out", str(tmp_path / "q")])
+
+
+def test_tiny_held_out_gamma_mechanism_runs_without_lm(tiny, tmp_path):
+    """--mechanism gamma-next: no LM (the damping never moves, no rho), gamma chosen on the next batch every 20
+    steps, each choice measured on the step after it."""
+    out, _ = tiny
+    result = damping.main(["--mode", "tiny", "--estimators", "kfac", "--mechanism", "gamma-next", "--reuse-fixed",
+                           str(out / "damping.json"), "--out", str(tmp_path / "n")])
+    assert result["config"]["mechanism_hyper"]["gamma_score"] == "next"
+    for run in result["estimators"]["kfac"]["adaptive"]:
+        assert run["damping_history"] == [] and run["final_damping"] == run["start_damping"]
+        steps = [h["step"] for h in run["gamma_history"]]
+        assert steps == list(range(0, run["optimizer_steps"] - 1, 20))     # the last one may still be pending
