@@ -289,3 +289,12 @@ def test_run_with_gamma_adapt_records_gamma_without_a_closure() -> None:
     row = run(cfg, None, quiet=True).metrics[-1]
     assert [h["step"] for h in row["gamma_history"]] == [0, 5, 10] and row["gamma"] == row["gamma_history"][-1]["gamma"]
     assert row["damping_history"] == [] and row["damping"] == resolve_config(cfg)["optimizer"]["damping"]
+
+
+def test_run_with_held_out_gamma_passes_a_closure_and_resolves_each_choice() -> None:
+    cfg = apply_overrides({**TINY, "train": {**TINY["train"], "epochs": 1}},
+                          ["optimizer.gamma_adapt=true", "optimizer.gamma_interval=5", 'optimizer.gamma_score="next"'])
+    row = run(cfg, None, quiet=True).metrics[-1]
+    # 11 steps: the choices of gamma steps 0 and 5 are measured on steps 1 and 6; step 10's waits for a next batch
+    assert [(h["step"], h["measured_at"]) for h in row["gamma_history"]] == [(0, 1), (5, 6)]
+    assert row["gamma"] == row["gamma_history"][-1]["gamma"]

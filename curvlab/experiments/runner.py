@@ -436,7 +436,8 @@ def _damping_row(opt: Any, start: tuple[int, int]) -> dict[str, Any]:
     row["damping_history"] = [{k: h[k] for k in ("step", "rho", "damping")}
                               for h in opt.damping_history[start[0]:]]
     if getattr(opt, "gamma", None) is not None:
-        row["gamma_history"] = [{k: h[k] for k in ("step", "gamma")} for h in opt.gamma_history[start[1]:]]
+        row["gamma_history"] = [{k: h[k] for k in ("step", "gamma", "measured_at") if k in h}
+                                for h in opt.gamma_history[start[1]:]]
     return row
 
 
