@@ -213,8 +213,8 @@ def losses_at(opt, closure: Callable, points: list[dict[torch.Tensor, torch.Tens
     """The closure's loss at each of ``points`` (``{param: value}``; parameters not named keep their value), one
     closure call per point inside :func:`curvlab.capture.paused`; the parameters and every ``.grad`` are restored bit
     for bit afterwards and the records the step's own closure call made (captured statistics, quadratic-model
-    records) are kept (the closure's ``zero_grad`` discards nothing while paused). Used for held-out evaluations on the step after an adaptation step (``damping_rho="next"``,
-    ``gamma_score="next"``)."""
+    records) are kept (the closure's ``zero_grad`` discards nothing while paused). Used for the held-out evaluations
+    on the step after an adaptation step (``damping_rho="next"``, ``gamma_score="next"``)."""
     params = opt.flat_params()
     moved = list({p for point in points for p in point})
     here = [p.detach().clone() for p in moved]

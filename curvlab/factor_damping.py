@@ -42,8 +42,10 @@ refreshed with it before that step plans. ``M`` is not needed (no forward-mode p
 still uses its own). Why: on the step's own batch the exact model prefers whichever gamma gives the longer step that
 it predicts well, which is not the damping that suits the approximate curvature on other data (analysis/README.md,
 "Adaptive damping"); a paired comparison on a held-out batch measures that directly, at two extra forward+backward
-passes per gamma step. It needs ``step(closure)`` on the step after each gamma step (``ValueError`` naming
-``gamma_score`` otherwise). History entries add ``losses`` (the three held-out losses, ``ORDER``) and ``measured_at``.
+passes per gamma step. Measured (analysis/README.md): it does not make the adaptive runs reach the best fixed
+damping's loss either -- the choice is a noisy random walk and one step's held-out loss is biased (more damping
+for Shampoo, less for MBF: a short-horizon bias); it helps K-FAC from a too-large start. It needs
+``step(closure)`` on the step after each gamma step (``ValueError`` naming ``gamma_score`` otherwise). History entries add ``losses`` (the three held-out losses, ``ORDER``) and ``measured_at``.
 
 Not supported (``ValueError`` at construction): estimators whose ``solve`` ignores the damping (``identity``) or
 uses it inside the backward pass (``isaac_fused=True``), and estimators without ``solve``. ``opt.gamma_history``
@@ -132,7 +134,8 @@ class FactorDamping:
         changes = [k.get("predicted_change") for k in kept]       # qmodel's own M of its (alpha, mu) step
         if any(c is None for c in changes):
             changes = [c for c, _ in predicted_changes(opt, plans)]
-        scores = [c if c is not None and math.isfinite(c) and all_finite(p.tensors()) else math.inf for c, p in zip(changes, plans)]
+        scores = [c if c is not None and math.isfinite(c) and all_finite(p.tensors()) else math.inf
+                  for c, p in zip(changes, plans)]
         best = len(ORDER) - 1                         # ties keep the current gamma
         for i in range(len(ORDER) - 1):
             if scores[i] < scores[best]:

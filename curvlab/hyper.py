@@ -220,8 +220,8 @@ COMMON: dict[str, Option] = {
     "gamma_omega": Option(None, lambda name, v: _omega(name, v, "sqrt(19/20)^gamma_interval"),
                           "omega2 in (0, 1): the gamma candidates are gamma * omega2, gamma, gamma / omega2 "
                           "(None = sqrt(19/20)^gamma_interval)"),
-    "gamma_score": Option("model", one_of("model", "next"), "what chooses gamma: 'model' = the lowest M(delta) on the "
-                          "step's batch (Martens & Grosse 6.6); 'next' = the lowest loss of the next step's batch at the "
+    "gamma_score": Option("model", one_of("model", "next"), "what chooses gamma: 'model' = the lowest M(delta) on "
+                          "the step's batch (Martens & Grosse 6.6); 'next' = the lowest loss of the next step's batch at the "
                           "three candidate updates (held out; needs the closure on the step after each gamma step)"),
     "data_parallel": Option("auto", _data_parallel,
                             "torch.distributed data parallelism (curvlab.distributed): 'auto' = on for a DDP model or "

@@ -399,8 +399,8 @@ def _train(cfg: dict[str, Any], rid: str, rdir: Path | None, quiet: bool,
 
 
 def _needs_closure(opt: Any) -> bool:
-    """Whether the optimizer re-evaluates the loss after its update (``damping_adapt``, :mod:`curvlab.damping`);
-    only then does the loop hand ``step`` a closure (the plain loop's cost and results are unchanged)."""
+    """Whether the optimizer re-evaluates the loss (``opt.needs_closure``: ``damping_adapt``, or
+    ``gamma_score="next"``); only then does the loop hand ``step`` a closure (the plain loop's cost and results are unchanged)."""
     return bool(getattr(opt, "needs_closure", False))
 
 
