@@ -19,7 +19,7 @@ A run directory ``<out>/<run_id>/`` holds, each file written atomically (:mod:`.
   ``opt.step`` a closure only when the optimizer re-evaluates the loss (``damping_adapt``): its first call returns
   the loss the loop already computed, later calls run a forward and backward on the same batch, so a plain run's
   cost is unchanged;
-* ``summary.json``   final numbers (see :func:`summarize`) and the optimizer's full hyper-parameters;
+* ``summary.json``   final numbers (see :func:`.run_metrics.summarize`) and the optimizer's full hyper-parameters;
 * ``checkpoint.pt``  model, optimizer (curvature and RNG included), batch-order generator and metrics
   after the last finished epoch, while the run is unfinished: a killed run resumes from it and continues
   bit for bit;
@@ -52,19 +52,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from .config import ConfigError, canonical_json, resolve_config, run_id
+from .evaluation import StepClosure, evaluate, needs_closure, task_and_loss, training_loss
+from .evaluation import training_loss as _loss  # noqa: F401  (the old private name, imported by tests)
 from .io import atomic_torch_save, atomic_write_json, load_torch, read_json, read_jsonl, write_jsonl
 from .launch import DistContext, check_batch_size, set_share, setup, shard, wrap_model
+from .run_metrics import TIMING_KEYS, damping_row, history_marks, summarize
 from .sequences import model_options_for
 
 __all__ = ["RunResult", "run", "load_run", "is_finished", "load_split", "evaluate", "lr_factor", "TIMING_KEYS",
            "CONFIG", "METRICS", "SUMMARY", "DONE", "CHECKPOINT"]
 
 CONFIG, METRICS, SUMMARY, DONE, CHECKPOINT = "config.json", "metrics.jsonl", "summary.json", "DONE", "checkpoint.pt"
-#: Metric keys that measure time (everything else is reproducible bit for bit).
-TIMING_KEYS = ("step_time_ms", "refresh_time_s", "epoch_time_s", "time_s")
 
 EpochCallback = Callable[[int, dict[str, Any]], None]
 
@@ -124,68 +124,6 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     return base * min(1.0, (step + 1) / warmup) if warmup > 0 else base
 
 
-def _loss(task: str, out: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """The training loss (curvlab's ``loss`` option): cross-entropy on logits, or ``MSELoss`` (mean over
-    examples AND output entries); ``reduction="sum"`` sums over examples only (for exact evaluation).
-
-    Sequence outputs: logits ``(N, T, C)`` with labels ``(N, T)`` (a language model) take the cross-entropy
-    over the last dimension and the mean (or sum) over all ``N * T`` positions."""
-    if task == "classification":
-        if out.dim() > 2 or y.dim() > 1:
-            if out.shape[:-1] != y.shape:
-                raise ValueError(f"logits of shape {tuple(out.shape)} do not match labels of shape {tuple(y.shape)}: "
-                                 "per-position labels (N, T) need logits (N, T, C), one label per example (N,) "
-                                 "needs logits (N, C) (e.g. model.pool = 'last' for transformer_lm)")
-            return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1), reduction=reduction)
-        return F.cross_entropy(out, y, reduction=reduction)
-    if reduction == "sum":
-        return F.mse_loss(out, y, reduction="sum") / out[0].numel()
-    return F.mse_loss(out, y)
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, task: str,
-             batch_size: int = 4096, ctx: DistContext | None = None) -> tuple[float, float | None]:
-    """Mean loss and accuracy (None unless classification) in eval mode, without curvature capture.
-
-    Both are means over loss terms: examples, or every position for labels ``(N, T)`` (per-token loss
-    and accuracy of a language model). With a distributed ``ctx`` each rank evaluates its contiguous
-    share of ``x`` and the sums are all-reduced, so every rank returns the same numbers (all ranks must
-    call it)."""
-    if len(x) == 0:
-        return math.nan, None
-    terms = y[0].numel() if task == "classification" else 1  # loss terms (labels) per example
-    if ctx is not None and ctx.distributed:
-        part = shard(len(x), ctx.rank, ctx.world_size)
-        total, correct = _eval_sums(model, x[part], y[part], task, batch_size)
-        total, correct = ctx.all_sum([total, correct])
-    else:
-        total, correct = _eval_sums(model, x, y, task, batch_size)
-    count = len(x) * terms
-    return total / count, (correct / count if task == "classification" else None)
-
-
-def _eval_sums(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, task: str,
-               batch_size: int) -> tuple[float, int]:
-    """Summed loss and number of correct predictions (labels) over ``x`` (eval mode, capture paused)."""
-    from curvlab import capture
-
-    was_training = model.training
-    model.eval()
-    total, correct = 0.0, 0
-    try:
-        with capture.paused():
-            for start in range(0, len(x), batch_size):
-                xb, yb = x[start:start + batch_size], y[start:start + batch_size]
-                out = model(xb)
-                total += float(_loss(task, out, yb, reduction="sum"))
-                if task == "classification":
-                    correct += int((out.argmax(dim=-1) == yb).sum())
-    finally:
-        model.train(was_training)
-    return total, correct
-
-
 class _Timed:
     """Wraps a callable and sums the wall time spent in it (used on ``opt.refresh``)."""
 
@@ -199,16 +137,6 @@ class _Timed:
         finally:
             self.sync()
             self.total += time.perf_counter() - start
-
-
-def _task_and_loss(split: Any, task: str) -> tuple[str, str]:
-    task = split.task if task == "auto" else task
-    if task == "classification" and split.task != "classification":
-        raise ConfigError(f"train.task='classification' but data set {split.name!r} has regression targets")
-    if task == "regression" and split.task != "regression":
-        raise ConfigError(f"train.task='regression' but data set {split.name!r} has class labels; use "
-                          "task 'auto' or 'autoencoder'")
-    return task, ("cross_entropy" if task == "classification" else "mse")
 
 
 def run(config: Mapping[str, Any], out: str | Path | None = "runs", *, run_dir: str | Path | None = None,
@@ -274,7 +202,7 @@ def _train(cfg: dict[str, Any], rid: str, rdir: Path | None, quiet: bool,
     split = load_split(cfg["data"]).to(dtype, device)
     if ctx.is_main:
         ctx.barrier()
-    task, loss_name = _task_and_loss(split, train["task"])
+    task, loss_name = task_and_loss(split, train["task"])
     x_tr, x_te = split.x_train, split.x_test
     y_tr, y_te = (x_tr, x_te) if task == "autoencoder" else (split.y_train, split.y_test)
     num_outputs = split.num_features if task == "autoencoder" else split.num_outputs
@@ -332,7 +260,7 @@ def _train(cfg: dict[str, Any], rid: str, rdir: Path | None, quiet: bool,
             model.train()
             timer.total, step_time, loss_sum, seen, epoch_first = 0.0, 0.0, 0.0, 0, step
             damping_log: list[dict[str, Any]] = []
-            marks = _history_marks(opt)
+            marks = history_marks(opt)
             epoch_start = time.perf_counter()
             for xb, yb in batches(x_tr, y_tr, batch, generator=generator):
                 factor = lr_factor(step, total, warmup, train["schedule"])
@@ -344,14 +272,14 @@ def _train(cfg: dict[str, Any], rid: str, rdir: Path | None, quiet: bool,
                     set_share(model, part.stop - part.start, len(xb))
                     xb, yb = xb[part], yb[part]
                 opt.zero_grad(set_to_none=True)
-                loss = _loss(task, model(xb), yb)
+                loss = training_loss(task, model(xb), yb)
                 loss.backward()
                 value = float(loss.detach())
                 stopped = _nonfinite_loss(value, step, epoch, ctx)
                 if stopped is not None:
                     break
                 try:
-                    opt.step(_Closure(opt, model, task, xb, yb, loss) if _needs_closure(opt) else None)
+                    opt.step(StepClosure(opt, model, task, xb, yb, loss) if needs_closure(opt) else None)
                 except curvlab.Diverged as err:          # max_skipped_steps non-finite steps in a row
                     stopped = str(err)
                 sync()
@@ -371,7 +299,7 @@ def _train(cfg: dict[str, Any], rid: str, rdir: Path | None, quiet: bool,
             rows.append({**measure(epoch), "batch_loss": loss_sum / seen if seen else None,
                          "lr": opt.param_groups[0]["lr"], "steps": step, "skipped_steps": opt.skipped_steps,
                          "step_time_ms": 1e3 * step_time / max(step - epoch_first, 1), "refresh_time_s": timer.total,
-                         "epoch_time_s": epoch_time, "time_s": elapsed, **_damping_row(opt, marks),
+                         "epoch_time_s": epoch_time, "time_s": elapsed, **damping_row(opt, marks),
                          **({"diverged": stopped} if stopped is not None else {}),
                          **({"damping_report": damping_log} if train["damping_every"] else {})})
             if rdir is not None and ctx.is_main:
@@ -398,57 +326,6 @@ def _train(cfg: dict[str, Any], rid: str, rdir: Path | None, quiet: bool,
     return RunResult(rid, rdir, cfg, rows, summary)
 
 
-def _needs_closure(opt: Any) -> bool:
-    """Whether the optimizer re-evaluates the loss (``opt.needs_closure``: ``damping_adapt``, or
-    ``gamma_score="next"``); only then does the loop hand ``step`` a closure (the plain loop's cost and results are unchanged)."""
-    return bool(getattr(opt, "needs_closure", False))
-
-
-class _Closure:
-    """The closure of ``opt.step(closure)`` for a loop that has already run the forward and backward: the first
-    call returns that loss (nothing is recomputed), every later call (the LM damping's ``h(theta + delta)``, made
-    inside :func:`curvlab.capture.paused`) runs ``zero_grad``, a forward and a backward on the same batch."""
-
-    def __init__(self, opt: Any, model: torch.nn.Module, task: str, x: torch.Tensor, y: torch.Tensor,
-                 loss: torch.Tensor) -> None:
-        self.opt, self.model, self.task, self.x, self.y, self.loss = opt, model, task, x, y, loss
-
-    def __call__(self) -> torch.Tensor:
-        if self.loss is not None:
-            loss, self.loss = self.loss, None
-            return loss
-        self.opt.zero_grad(set_to_none=True)
-        loss = _loss(self.task, self.model(self.x), self.y)
-        loss.backward()
-        return loss
-
-
-def _damping_row(opt: Any, start: tuple[int, int]) -> dict[str, Any]:
-    """The metrics of an adaptive damping (``damping_adapt`` / ``gamma_adapt``): the damping at the epoch's end and
-    the adaptations made in it (``step``, ``rho``, ``damping``; ``gamma`` for the curvature's damping). Empty for a
-    fixed damping, so a plain run's metrics keep their keys."""
-    if not _needs_closure(opt) and getattr(opt, "gamma", None) is None:
-        return {}
-    group = opt.param_groups[0]
-    row: dict[str, Any] = {"damping": group["damping"]}
-    if "gamma" in group:
-        row["gamma"] = group["gamma"]
-    row["damping_history"] = [{k: h[k] for k in ("step", "rho", "damping")}
-                              for h in opt.damping_history[start[0]:]]
-    if getattr(opt, "gamma", None) is not None:
-        row["gamma_history"] = [{k: h[k] for k in ("step", "gamma", "measured_at") if k in h}
-                                for h in opt.gamma_history[start[1]:]]
-    return row
-
-
-def _history_marks(opt: Any) -> tuple[int, int]:
-    return len(getattr(opt, "damping_history", [])), len(getattr(opt, "gamma_history", []))
-
-
-def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
-
-
 def _nonfinite_loss(value: float, step: int, epoch: int, ctx: DistContext) -> str | None:
     """The divergence message of a NaN/Inf minibatch loss, else None. Under torchrun each rank sees only its own
     share's loss, so there the stop comes from the optimizer (gradients are all-reduced, so every rank skips the
@@ -457,45 +334,3 @@ def _nonfinite_loss(value: float, step: int, epoch: int, ctx: DistContext) -> st
         return None
     return (f"training diverged: the minibatch loss is {value} at step {step + 1} (epoch {epoch}); the run stopped "
             "before that step's update. Lower optimizer.lr, raise optimizer.damping, or set optimizer.kl_clip")
-
-
-def summarize(rows: list[dict[str, Any]], cfg: dict[str, Any], rid: str, task: str, loss_name: str, split: Any,
-              opt: Any) -> dict[str, Any]:
-    """Final / best test accuracy, final train accuracy, epochs to ``train.target_accuracy`` (None if never
-    reached), final losses, mean step time, refresh time per step and its share of the step, coverage, divergence."""
-    trained = [r for r in rows if r["epoch"] > 0]
-    acc = [r["test_accuracy"] for r in trained]
-    target = cfg["train"]["target_accuracy"]
-    steps = trained[-1]["steps"] if trained else 0
-    step_s = sum(r["step_time_ms"] * (r["steps"] - p["steps"]) for p, r in zip(rows, rows[1:])) / 1e3
-    refresh_s = sum(r["refresh_time_s"] for r in trained)
-    cover = opt.coverage()
-    last = trained[-1] if trained else rows[0]
-    test_losses = [r["test_loss"] for r in rows if _finite(r["test_loss"])]
-    nonfinite = not all(_finite(r["train_loss"]) or r["train_loss"] is None for r in rows) \
-        or not _finite(last["test_loss"])
-    stopped = rows[-1].get("diverged") or ("a loss evaluated at the end of an epoch is not finite" if nonfinite
-                                           else None)
-    hyper = {k: (list(v) if isinstance(v, tuple) else v) for k, v in opt.config.items()}
-    return {
-        "run_id": rid, "name": cfg["name"], **{k: cfg["optimizer"][k] for k in ("estimator", "rule", "scaling")},
-        "dataset": split.name, "model": cfg["model"]["name"], "task": task, "loss": loss_name,
-        "num_train": split.num_train, "num_test": split.num_test, "epochs": len(trained), "steps": steps,
-        **({"evaluated_on": split.evaluated_on} if split.evaluated_on != "test" else {}),
-        "final_test_accuracy": acc[-1] if acc and task == "classification" else None,
-        "final_train_accuracy": last.get("train_accuracy"),
-        "best_test_accuracy": max((a for a in acc if a is not None), default=None),
-        "target_accuracy": target,
-        "epochs_to_target": next((r["epoch"] for r in trained if (r["test_accuracy"] or 0.0) >= target), None),
-        "final_train_loss": last["train_loss"], "final_test_loss": last["test_loss"],
-        "best_test_loss": min(test_losses, default=None),
-        "mean_step_ms": 1e3 * step_s / max(steps, 1),
-        "refresh_ms_per_step": 1e3 * refresh_s / max(steps, 1),
-        "refresh_fraction": refresh_s / step_s if step_s > 0 else None,
-        "train_time_s": last["time_s"] or 0.0,
-        "skipped_steps": opt.skipped_steps, "numerics_events": len(opt.events),
-        "diverged": stopped is not None, "diverged_reason": stopped,
-        "num_params": sum(c["numel"] for c in cover),
-        "preconditioned_params": sum(c["numel"] for c in cover if c["preconditioned"]),
-        "optimizer_config": hyper,
-    }
