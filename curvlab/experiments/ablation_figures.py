@@ -11,7 +11,7 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from .ablation_report import _fmt, _order, higher_is_better
+from .ablation_axes import format_value, higher_is_better, ordered
 
 if TYPE_CHECKING:
     from .ablation_report import Curves, Heatmap, TargetTable
@@ -40,8 +40,8 @@ def heatmap_figure(h: Heatmap, spec: str) -> Any:
                     color="black" if bright else "white", fontweight="bold" if j == h.best_col[i] else "normal")
         if h.best_col[i] is not None:
             ax.add_patch(Rectangle((h.best_col[i] - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", lw=2))
-    ax.set_xticks(range(len(h.cols)), [_fmt(c) for c in h.cols], rotation=30, ha="right")
-    ax.set_yticks(range(len(h.rows)), [_fmt(r) for r in h.rows])
+    ax.set_xticks(range(len(h.cols)), [format_value(c) for c in h.cols], rotation=30, ha="right")
+    ax.set_yticks(range(len(h.rows)), [format_value(r) for r in h.rows])
     ax.set(xlabel=h.col_axis, ylabel=h.row_axis, title=f"{h.metric}\n(best per row framed)")
     return fig
 
@@ -53,10 +53,10 @@ def is_numeric(xs: Sequence[Any]) -> bool:
 def x_ticks(ax: Any, xs: Sequence[Any]) -> None:
     """Numbers spanning a factor >= 8: log2 scale with the values as ticks; labels: one tick each."""
     if not is_numeric(xs):
-        ax.set_xticks(range(len(xs)), [_fmt(x) for x in xs], rotation=30, ha="right")
+        ax.set_xticks(range(len(xs)), [format_value(x) for x in xs], rotation=30, ha="right")
     elif all(x > 0 for x in xs) and max(xs) / min(xs) >= 8:
         ax.set_xscale("log", base=2)
-        ax.set_xticks(xs, [_fmt(x) for x in xs])
+        ax.set_xticks(xs, [format_value(x) for x in xs])
 
 
 def curves_figure(c: Curves, title: str | None = None) -> Any:
@@ -64,12 +64,12 @@ def curves_figure(c: Curves, title: str | None = None) -> Any:
 
     fig = Figure(figsize=(6, 4), layout="constrained")
     ax = fig.subplots()
-    xs = _order([x for pts in c.points.values() for x, *_ in pts])
+    xs = ordered([x for pts in c.points.values() for x, *_ in pts])
     numeric = is_numeric(xs)
     pos = {repr(x): (x if numeric else i) for i, x in enumerate(xs)}
     for s, pts in c.points.items():
         ax.errorbar([pos[repr(x)] for x, *_ in pts], [v for _, v, *_ in pts],
-                    yerr=[sd or 0.0 for _, _, sd, _ in pts], marker="o", capsize=3, label=_fmt(s))
+                    yerr=[sd or 0.0 for _, _, sd, _ in pts], marker="o", capsize=3, label=format_value(s))
     x_ticks(ax, xs)
     ax.set(xlabel=c.x_axis, ylabel=c.metric, title=title or f"{c.metric} vs {c.x_axis}")
     ax.grid(alpha=0.3)
@@ -89,7 +89,7 @@ def target_figure(t: TargetTable) -> Any:
         for ax, attr in zip(axes, ("epochs", "seconds")):
             pts = [(x, getattr(row[j], attr)) for x, row in zip(xs, t.entries) if getattr(row[j], attr) is not None]
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=_fmt(col))
+                ax.plot(*zip(*pts), marker="o", label=format_value(col))
     for ax, what in zip(axes, ("epochs", "training seconds")):
         x_ticks(ax, t.rows)
         ax.set(xlabel=t.row_axis, ylabel=f"{what} to {t.target:g}", title=f"{what} to test accuracy {t.target:g}")

@@ -10,7 +10,8 @@ Everything starts from :func:`~curvlab.experiments.reporting.collect_runs` and
 * or the unique last component of one (``estimator``, ``batch_size``, ``lr``),
 * or several joined by ``+`` (``estimator+rule`` -> the value ``"kfac/fop"``).
 
-A missing or ambiguous axis raises ``ValueError`` naming it and listing the available ones.
+A missing or ambiguous axis raises ``ValueError`` naming it and listing the available ones. The axes, the
+configurations and the choice of a cell's best live in :mod:`.ablation_axes`; this module lays them out.
 
 When several configurations fall into the same cell (e.g. an ``optimizer.lr`` grid that is not one of the
 two axes), the cell shows the BEST of them (highest for metrics containing ``accuracy``, lowest otherwise:
@@ -29,117 +30,16 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
-from .config import flatten
+from .ablation_axes import (AxisSpec, Source, axis_name, axis_value, best_of, check_metric, format_value,
+                            higher_is_better, load_configurations, ordered, resolve_axis)
 from .io import atomic_write_text
-from .reporting import Configuration, collect_runs, group_runs
+from .reporting import Configuration
 from .runner import RunResult
 
 __all__ = ["Heatmap", "Curves", "TargetTable", "load_configurations", "resolve_axis", "heatmap", "metric_vs_axis",
            "time_to_target_table", "higher_is_better", "write_extras"]
-
-Source = Union[str, Path, Sequence[Configuration], Sequence[RunResult]]
-AxisSpec = Union[str, Sequence[str]]
-
-
-def higher_is_better(metric: str) -> bool:
-    """Accuracies are maximized; everything else (losses, times, epochs, step ms) minimized."""
-    return "accuracy" in metric
-
-
-def load_configurations(source: Source) -> tuple[list[Configuration], list[str]]:
-    """Configurations and varying axes of a folder of runs, a list of runs or a list of configurations."""
-    if isinstance(source, (str, Path)):
-        runs = collect_runs(source)
-        if not runs:
-            raise ValueError(f"no finished runs under {str(source)!r} (a run directory is finished once it "
-                             "holds DONE)")
-        return group_runs(runs, source)
-    items = list(source)
-    if not items:
-        raise ValueError("no configurations given")
-    if all(isinstance(i, Configuration) for i in items):
-        axes: list[str] = []
-        for c in items:
-            axes += [a for a in c.axes if a not in axes]
-        return items, axes
-    if all(isinstance(i, RunResult) for i in items):
-        return group_runs(items)
-    raise TypeError("source must be a folder, a list of RunResult or a list of Configuration")
-
-
-def _keys(configs: Sequence[Configuration]) -> list[str]:
-    keys: list[str] = []
-    for c in configs:
-        keys += [k for k in flatten(c.runs[0].config) if k not in keys]
-    return keys
-
-
-def resolve_axis(configs: Sequence[Configuration], axes: Sequence[str], axis: AxisSpec) -> list[str]:
-    """The full key(s) an axis name refers to (see the module docstring); ValueError listing the choices."""
-    parts = axis.split("+") if isinstance(axis, str) else list(axis)
-    keys = _keys(configs)
-    out = []
-    for part in parts:
-        part = part.strip()
-        if part in axes or part in keys:
-            out.append(part)
-            continue
-        cands = list(dict.fromkeys(k for k in [*axes, *keys] if k.rsplit(".", 1)[-1] == part))
-        if len(cands) == 1:
-            out.append(cands[0])
-            continue
-        varying = ", ".join(axes) or "(none)"
-        if cands:
-            raise ValueError(f"axis {part!r} is ambiguous: it could be {', '.join(cands)}; give the full key")
-        raise ValueError(f"axis {part!r} not found. Axes that vary in these runs: {varying}; any config key "
-                         f"also works: {', '.join(k for k in keys if k not in axes)}")
-    return out
-
-
-def _name(keys: Sequence[str]) -> str:
-    """Display name of an axis: the last part of each key (``estimator+rule``)."""
-    return "+".join(k.rsplit(".", 1)[-1] for k in keys)
-
-
-def _value(c: Configuration, keys: Sequence[str]) -> Any:
-    flat = flatten(c.runs[0].config)
-    vals = [c.axes[k] if k in c.axes else flat.get(k) for k in keys]
-    return vals[0] if len(vals) == 1 else "/".join(str(v) for v in vals)
-
-
-def _order(values: list[Any]) -> list[Any]:
-    """Distinct values: sorted when all numbers, else in order of first appearance (sweep order)."""
-    distinct = list(dict.fromkeys(repr(v) for v in values))
-    first = {repr(v): v for v in reversed(values)}
-    vals = [first[r] for r in distinct]
-    if vals and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
-        return sorted(vals)
-    return vals
-
-
-def _check_metric(configs: Sequence[Configuration], metric: str) -> None:
-    if any(metric in r.summary for c in configs for r in c.runs):
-        return
-    numeric = sorted({k for c in configs for r in c.runs for k, v in r.summary.items()
-                      if isinstance(v, (int, float)) and not isinstance(v, bool)})
-    raise ValueError(f"metric {metric!r} is not in the runs' summaries; numeric summary keys: {', '.join(numeric)}")
-
-
-def _fmt(v: Any) -> str:
-    return f"{v:g}" if isinstance(v, float) else str(v)
-
-
-def _pick(configs: Sequence[Configuration], metric: str) -> tuple[Configuration | None, float | None]:
-    """The best configuration by the seed-mean of ``metric`` (None when no configuration has a value)."""
-    scored = [(c.mean(metric), c) for c in configs]
-    scored = [(v, c) for v, c in scored if v is not None]
-    if not scored:
-        return None, None
-    sign = -1.0 if higher_is_better(metric) else 1.0
-    v, c = min(scored, key=lambda t: sign * t[0])
-    return c, v
 
 
 def _table_text(header: list[str], rows: list[list[str]]) -> str:
@@ -193,13 +93,13 @@ class Heatmap:
 
     def text(self, spec: str = ".4f") -> str:
         """The table; the best cell of each row is marked ``*``."""
-        rows = [[_fmt(r), *(("-" if v is None else format(v, spec)) + ("*" if j == self.best_col[i] else " ")
+        rows = [[format_value(r), *(("-" if v is None else format(v, spec)) + ("*" if j == self.best_col[i] else " ")
                             for j, v in enumerate(vals))] for i, (r, vals) in enumerate(zip(self.rows, self.values))]
         return f"{self.metric}: rows {self.row_axis}, columns {self.col_axis} (* best in row)\n" + \
-            _table_text([f"{self.row_axis} \\ {self.col_axis}", *map(_fmt, self.cols)], rows)
+            _table_text([f"{self.row_axis} \\ {self.col_axis}", *map(format_value, self.cols)], rows)
 
     def csv(self) -> str:
-        return _csv_text([self.row_axis, *map(_fmt, self.cols)],
+        return _csv_text([self.row_axis, *map(format_value, self.cols)],
                          [[r, *("" if v is None else v for v in vals)] for r, vals in zip(self.rows, self.values)])
 
 
@@ -215,17 +115,17 @@ def heatmap(source: Source, row_axis: AxisSpec, col_axis: AxisSpec, metric: str 
     """
     configs, axes = load_configurations(source)
     rk, ck = resolve_axis(configs, axes, row_axis), resolve_axis(configs, axes, col_axis)
-    _check_metric(configs, metric)
-    rname, cname = _name(rk), _name(ck)
-    rows = _order([_value(c, rk) for c in configs])
-    cols = _order([_value(c, ck) for c in configs])
+    check_metric(configs, metric)
+    rname, cname = axis_name(rk), axis_name(ck)
+    rows = ordered([axis_value(c, rk) for c in configs])
+    cols = ordered([axis_value(c, ck) for c in configs])
     values, std, labels, best = [], [], [], []
     sign = 1.0 if higher_is_better(metric) else -1.0
     for r in rows:
         vrow, srow, lrow = [], [], []
         for col in cols:
-            cell = [c for c in configs if repr(_value(c, rk)) == repr(r) and repr(_value(c, ck)) == repr(col)]
-            chosen, v = _pick(cell, metric)
+            cell = [c for c in configs if repr(axis_value(c, rk)) == repr(r) and repr(axis_value(c, ck)) == repr(col)]
+            chosen, v = best_of(cell, metric)
             vals = chosen.values(metric) if chosen else []
             vrow.append(v)
             srow.append(statistics.stdev(vals) if len(vals) > 1 else None)
@@ -254,13 +154,13 @@ class Curves:
     files: list[Path] = field(default_factory=list)
 
     def text(self, spec: str = ".4f") -> str:
-        xs = _order([x for pts in self.points.values() for x, *_ in pts])
+        xs = ordered([x for pts in self.points.values() for x, *_ in pts])
         rows = []
         for s, pts in self.points.items():
             at = {repr(x): format(v, spec) + ("" if sd is None else f" ± {sd:{spec}}") for x, v, sd, _ in pts}
-            rows.append([_fmt(s), *(at.get(repr(x), "-") for x in xs)])
+            rows.append([format_value(s), *(at.get(repr(x), "-") for x in xs)])
         return f"{self.metric} vs {self.x_axis} (best configuration per point; ± std over seeds)\n" + \
-            _table_text([f"{self.series_axis or 'series'} \\ {self.x_axis}", *map(_fmt, xs)], rows)
+            _table_text([f"{self.series_axis or 'series'} \\ {self.x_axis}", *map(format_value, xs)], rows)
 
     def csv(self) -> str:
         return _csv_text(["series", self.x_axis, self.metric, "std", "configuration"],
@@ -269,10 +169,10 @@ class Curves:
 
 
 def _default_series(configs: Sequence[Configuration], axes: Sequence[str], x_keys: Sequence[str]) -> list[str] | None:
-    if "variant" in axes and "variant" not in x_keys and len({_value(c, ["variant"]) for c in configs}) > 1:
+    if "variant" in axes and "variant" not in x_keys and len({axis_value(c, ["variant"]) for c in configs}) > 1:
         return ["variant"]
     keys = ["optimizer.estimator", "optimizer.rule"]
-    if len({_value(c, keys) for c in configs}) > 1:
+    if len({axis_value(c, keys) for c in configs}) > 1:
         return keys
     return None
 
@@ -286,18 +186,18 @@ def metric_vs_axis(source: Source, x_axis: AxisSpec, series_axis: AxisSpec | Non
     configs, axes = load_configurations(source)
     xk = resolve_axis(configs, axes, x_axis)
     sk = resolve_axis(configs, axes, series_axis) if series_axis is not None else _default_series(configs, axes, xk)
-    _check_metric(configs, metric)
-    series = _order([_value(c, sk) for c in configs]) if sk else ["all"]
+    check_metric(configs, metric)
+    series = ordered([axis_value(c, sk) for c in configs]) if sk else ["all"]
     points: dict[Any, list[tuple[Any, float, float | None, str]]] = {}
     for s in series:
-        members = [c for c in configs if sk is None or repr(_value(c, sk)) == repr(s)]
-        for x in _order([_value(c, xk) for c in members]):
-            chosen, v = _pick([c for c in members if repr(_value(c, xk)) == repr(x)], metric)
+        members = [c for c in configs if sk is None or repr(axis_value(c, sk)) == repr(s)]
+        for x in ordered([axis_value(c, xk) for c in members]):
+            chosen, v = best_of([c for c in members if repr(axis_value(c, xk)) == repr(x)], metric)
             if chosen is not None:
                 vals = chosen.values(metric)
                 points.setdefault(s, []).append((x, v, statistics.stdev(vals) if len(vals) > 1 else None,
                                                  chosen.label))
-    result = Curves(_name(xk), _name(sk) if sk else None, metric, points)
+    result = Curves(axis_name(xk), axis_name(sk) if sk else None, metric, points)
     from .ablation_figures import curves_figure
     result.figure = curves_figure(result, title)
     result.files = _write(out, stem or f"{metric}_vs_{_slug(result.x_axis)}", result.text(spec), result.csv(),
@@ -348,8 +248,8 @@ class TargetTable:
 
     def text(self) -> str:
         return f"epochs / seconds to test accuracy {self.target:g} ('-': never reached)\n" + _table_text(
-            [f"{self.row_axis}" + (f" \\ {self.col_axis}" if self.col_axis else ""), *map(_fmt, self.cols)],
-            [[_fmt(r), *(e.text() for e in row)] for r, row in zip(self.rows, self.entries)])
+            [f"{self.row_axis}" + (f" \\ {self.col_axis}" if self.col_axis else ""), *map(format_value, self.cols)],
+            [[format_value(r), *(e.text() for e in row)] for r, row in zip(self.rows, self.entries)])
 
     def csv(self) -> str:
         return _csv_text([self.row_axis, "column", "epochs_to_target", "seconds_to_target", "seeds_reached",
@@ -390,12 +290,12 @@ def time_to_target(source: Source, target: float, by: AxisSpec | Sequence[AxisSp
         raise ValueError(f"by must name one axis (rows) or two (rows, columns), got {by!r}")
     rk = resolve_axis(configs, axes, by[0])
     ck = resolve_axis(configs, axes, by[1]) if len(by) == 2 else None
-    rows = _order([_value(c, rk) for c in configs])
-    cols = _order([_value(c, ck) for c in configs]) if ck else ["time"]
-    entries = [[_entry([c for c in configs if repr(_value(c, rk)) == repr(r)
-                        and (ck is None or repr(_value(c, ck)) == repr(col))], target, rank) for col in cols]
+    rows = ordered([axis_value(c, rk) for c in configs])
+    cols = ordered([axis_value(c, ck) for c in configs]) if ck else ["time"]
+    entries = [[_entry([c for c in configs if repr(axis_value(c, rk)) == repr(r)
+                        and (ck is None or repr(axis_value(c, ck)) == repr(col))], target, rank) for col in cols]
                for r in rows]
-    return TargetTable(target, _name(rk), _name(ck) if ck else None, rows, cols, entries)
+    return TargetTable(target, axis_name(rk), axis_name(ck) if ck else None, rows, cols, entries)
 
 
 def time_to_target_table(source: Source, target: float, by: AxisSpec | Sequence[AxisSpec] | None = None, *,
