@@ -2,10 +2,10 @@
 
 BackPACK (Dangel, Kunstner & Hennig, ICLR 2020) computes K-FAC factors (KFAC: MC-sampled; KFLR: exact
 loss-Hessian square root; Martens & Grosse 2015, Botev et al. 2017) and per-example gradients (BatchGrad)
-with its own Jacobian-transpose products, independently of autograd's backward. :class:`BackpackLayerStats`
-hands them to curvlab's estimators, so every statistic of the hooks backend (:mod:`curvlab.capture`,
-the default) can be cross-checked. The user's loop stays the plain one (forward, ``loss.backward()`` on
-their own ``F.cross_entropy``/``F.mse_loss``, ``opt.step()``):
+with its own Jacobian-transpose products, independently of autograd's backward.
+:class:`~curvlab.backpack_stats.BackpackLayerStats` hands them to curvlab's estimators, so every statistic of the
+hooks backend (:mod:`curvlab.capture`, the default) can be cross-checked. The user's loop stays the plain one
+(forward, ``loss.backward()`` on their own ``F.cross_entropy``/``F.mse_loss``, ``opt.step()``):
 
 * when recording (statistics steps; every step if the rule has ``every_step`` needs, FOP), a forward hook
   on the user's model keeps the model input (detached, not copied) and a tensor hook on its output ``f``
@@ -65,7 +65,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import re
 import warnings
 from typing import Any
@@ -78,7 +77,8 @@ from .backpack_extensions import (HBP_MODULES, KFAC, KFLR, BatchGrad, Conv2dFact
                                   StoredGradientLoss as _StoredGradientLoss,
                                   StoredGradientSqrt as _StoredGradientSqrt, _backpack_ctx, _EXTRA_HBP, extend)
 from .adapters import UnsupportedLayer
-from .capture import accumulates_into, is_paused
+from .backpack_stats import BackpackLayerStats, ForwardRecord, LayerRecord, input_tensors
+from .capture import is_paused
 from .losses import check_output
 from .stats import LayerStats
 
@@ -87,97 +87,11 @@ _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_a
 _SAVEFIELDS = ("kflr", "kfac", "grad_batch")
 
 
-# -- records and the statistics view ----------------------------------------------------------------------
-class _Forward:
-    """One back-propagated forward of the user's model: its inputs and ``dL/df``."""
-
-    def __init__(self, args: tuple, kwargs: dict, batch_size: int, params: list[Tensor]) -> None:
-        self.args, self.kwargs, self.batch_size, self.params = args, kwargs, batch_size, params
-        self.versions = [t._version for t in _tensors(args, kwargs)]
-        self.out_grad: Tensor | None = None
-        self.output: Tensor | None = None          # the model output (detached), for the loss check
-
-    @property
-    def output_grad(self) -> Tensor | None:
-        return self.out_grad
-
-    def set_grad(self, grad: Tensor) -> None:
-        if accumulates_into(self.params):          # a training backward only (the capture contract)
-            self.out_grad = grad.detach() if self.out_grad is None else self.out_grad + grad.detach()
-
-
-class _LayerRecord:
-    """One layer's share of one replayed forward, with the attributes the parent ``LayerStats`` reads."""
-
-    def __init__(self, replay: "_Replay", index: int, name: str) -> None:
-        self.replay, self.index, self.name = replay, index, name
-        self.batch_size = replay.forwards[index].batch_size
-        self.uses = [self]                                        # one use per forward (BackPACK: no sharing)
-        #: ``real_grad`` is ``N_pass dL/ds``; the step's per-example scale is ``N_step`` (curvlab.capture)
-        self.real_scale = sum(fw.batch_size for fw in replay.forwards) / self.batch_size
-        self.term_scale = self.real_scale                          # (N, C) outputs only: one term per example
-        self.terms = self.batch_size
-
-    def result(self, kind: str) -> dict[str, Any]:
-        return self.replay.run(kind)[self.index][self.name]
-
-    @property
-    def inputs(self) -> Tensor:
-        return self.result(next(iter(self.replay.results), "forward"))["input"]
-
-    @property
-    def real_grad(self) -> Tensor:
-        return self.result("real")["sqrt"][0] * math.sqrt(self.batch_size)
-
-    @property
-    def fisher_grads(self) -> list[tuple[Tensor, float]]:
-        sqrt = self.result("fisher")["sqrt"]
-        m = sqrt.shape[0] if self.replay.capture.fisher == "mc" else 1
-        return [(s * math.sqrt(self.batch_size * m), 1.0 / m) for s in sqrt]
-
-
-class BackpackLayerStats(LayerStats):
-    """:class:`LayerStats` whose Kronecker factors and per-example gradients come from BackPACK; the other
-    views (input rows, output rows, sub-batch gradients) are the parent's, on the replay's records."""
-
-    def kron_factors(self, kind: str, approx: str = "expand") -> tuple[Tensor, Tensor]:
-        if kind not in ("real", "fisher"):
-            raise ValueError(f"kind must be 'real' or 'fisher', got {kind!r}")
-        if approx != "expand":
-            return super().kron_factors(kind, approx)
-        a_sum = g_sum = 0.0
-        for rec in self.records:
-            res = rec.result(kind)
-            if "G" not in res:                                   # frozen weight: BackPACK gave no factors
-                return super().kron_factors(kind, approx)
-            rows = self.adapter.input_rows(self.module, res["input"].to(self.dtype))
-            a = res["A"].to(self.dtype)
-            if self.adapter.has_bias(self.module):
-                col = rows.sum(dim=1).mean(dim=0)                                  # [s; T]
-                a = torch.cat([torch.cat([a, col[:-1, None]], 1), col[None, :]], 0)
-            scale = rec.real_scale ** 2 if kind == "real" else 1.0     # N_pass -> N_step (curvlab.capture)
-            a_sum = a_sum + a * rec.batch_size
-            g_sum = g_sum + res["G"].to(self.dtype) * (rec.batch_size * scale / rows.shape[1])
-        return a_sum / self.batch_size, g_sum / self.batch_size
-
-    def per_example_grads(self) -> Tensor:
-        mats, bias = [], self.adapter.has_bias(self.module)
-        d_out = self.adapter.shape(self.module)[0]
-        for rec in self.records:
-            res, n = rec.result("batch_grad"), rec.batch_size
-            if res["gw"] is None or (bias and res["gb"] is None):
-                return super().per_example_grads()
-            mat = res["gw"].reshape(n, d_out, -1)
-            if bias:
-                mat = torch.cat([mat, res["gb"].reshape(n, d_out, 1)], dim=2)
-            mats.append(mat.to(self.dtype) * (n * rec.real_scale))   # BatchGrad of a mean loss: (1/N) grad l_n
-        return torch.cat(mats)
-
-
-class _Replay:
+# -- the replays -------------------------------------------------------------------------------------
+class Replay:
     """One step's statistics: replays on the private copy, each run on first use and cached."""
 
-    def __init__(self, capture: "BackpackCapture", forwards: list[_Forward], generation: int, seed: int):
+    def __init__(self, capture: "BackpackCapture", forwards: list[ForwardRecord], generation: int, seed: int):
         self.capture, self.forwards, self.generation, self.seed = capture, forwards, generation, seed
         self.popped: set[str] = set()
         self.results: dict[str, list[dict[str, dict[str, Any]]]] = {}
@@ -217,8 +131,8 @@ class BackpackCapture:
         self._surrogate = extend(_StoredGradientLoss())
         self._seeds = torch.Generator().manual_seed(seed)
         self._generation = 0
-        self._pending: list[_Forward] = []
-        self._replay: _Replay | None = None
+        self._pending: list[ForwardRecord] = []
+        self._replay: Replay | None = None
         self._handles = [model.register_forward_hook(self._model_hook, with_kwargs=True)] if layers else []
 
     # -- recording -----------------------------------------------------------------------------------------
@@ -230,7 +144,7 @@ class BackpackCapture:
                             f"got {type(out).__name__}")
         if out.requires_grad and not torch._C._functorch.is_functorch_wrapped_tensor(out):
             params = [p for m in self.layers.values() for p in m.parameters(recurse=False) if p.requires_grad]
-            fw = _Forward(_detach(args), _detach(kwargs), out.shape[0], params)
+            fw = ForwardRecord(_detach(args), _detach(kwargs), out.shape[0], params)
             fw.output = out.detach()
             out.register_hook(fw.set_grad)
             self._pending.append(fw)
@@ -260,9 +174,9 @@ class BackpackCapture:
         for s, d in zip(self.model.modules(), self._net.modules()):
             d.training = s.training
 
-    def _run(self, kind: str, fw: _Forward, seed: int) -> dict[str, dict[str, Any]]:
+    def _run(self, kind: str, fw: ForwardRecord, seed: int) -> dict[str, dict[str, Any]]:
         """One replay of ``fw`` on the copy; ``kind`` is forward, fisher, real or batch_grad."""
-        if any(t._version != v for t, v in zip(_tensors(fw.args, fw.kwargs), fw.versions)):
+        if any(t._version != v for t, v in zip(input_tensors(fw.args, fw.kwargs), fw.versions)):
             raise RuntimeError("a model input was modified in place after the forward pass; the BackPACK "
                                "backend replays the forward from it. Do not modify inputs in place.")
         for name, m in self._net.named_modules():
@@ -304,7 +218,7 @@ class BackpackCapture:
             ext.set_module_extension(_StoredGradientLoss, _StoredGradientSqrt())
         return [ext]
 
-    def _check_replay(self, out: Tensor, fw: _Forward, kind: str) -> None:
+    def _check_replay(self, out: Tensor, fw: ForwardRecord, kind: str) -> None:
         if fw.out_grad is None or out.shape != fw.out_grad.shape:
             raise RuntimeError(f"the replayed model output has shape {tuple(out.shape)}, the stored output "
                                "gradient does not match; is the model deterministic?")
@@ -318,7 +232,7 @@ class BackpackCapture:
                 raise UnsupportedLayer(f"capture='backpack': Linear layer {name!r} got an input of shape "
                                        f"{tuple(x.shape)}; BackPACK's K-FAC needs (N, d_in). Use capture='hooks'")
 
-    def _terminal(self, kind: str, out: Tensor, fw: _Forward) -> Tensor:
+    def _terminal(self, kind: str, out: Tensor, fw: ForwardRecord) -> Tensor:
         if kind != "fisher":
             return self._surrogate(out, fw.out_grad.to(out.dtype))
         if self.loss == "cross_entropy":       # dummy targets: KFLR/KFAC read only the predictive distribution
@@ -339,7 +253,7 @@ class BackpackCapture:
         return results
 
     # -- consumer side -----------------------------------------------------------------------------------
-    def pop(self, name: str) -> list[_LayerRecord]:
+    def pop(self, name: str) -> list[LayerRecord]:
         """Records of ``name`` whose backward ran since the last call (possibly empty)."""
         if self._replay is None or name in self._replay.popped:
             done = [fw for fw in self._pending if fw.out_grad is not None]
@@ -348,16 +262,16 @@ class BackpackCapture:
                 self._sync()
             self._generation += 1
             seed = int(torch.randint(0, 2 ** 62, (1,), generator=self._seeds))
-            self._replay = _Replay(self, done, self._generation, seed)
+            self._replay = Replay(self, done, self._generation, seed)
         self._replay.popped.add(name)
-        return [_LayerRecord(self._replay, i, name) for i in range(len(self._replay.forwards))]
+        return [LayerRecord(self._replay, i, name) for i in range(len(self._replay.forwards))]
 
     def layer_stats(self, unit, dtype: torch.dtype, grad: Tensor | None) -> LayerStats | None:
         """The :class:`BackpackLayerStats` of ``unit`` for this step, or ``None`` if nothing was captured."""
         records = self.pop(unit.name)
         return BackpackLayerStats(unit.name, unit.module, unit.adapter, dtype, records, grad) if records else None
 
-    def training_passes(self) -> list[_Forward]:
+    def training_passes(self) -> list[ForwardRecord]:
         """The forwards of this step that a training backward reached (the capture contract)."""
         return [fw for fw in self._pending if fw.out_grad is not None]
 
@@ -418,10 +332,6 @@ def _detach(obj: Any) -> Any:
     if isinstance(obj, (tuple, list)):
         return type(obj)(_detach(o) for o in obj) if type(obj) in (tuple, list) else obj
     return {k: _detach(v) for k, v in obj.items()} if isinstance(obj, dict) else obj
-
-
-def _tensors(args: tuple, kwargs: dict) -> list[Tensor]:
-    return [t for t in list(args) + list(kwargs.values()) if isinstance(t, Tensor)]
 
 
 @contextlib.contextmanager
