@@ -1,15 +1,16 @@
 """What curvlab's estimators read from the BackPACK backend (:mod:`curvlab.backpack_capture`): the records of the
 user's forwards and the :class:`~curvlab.stats.LayerStats` view of BackPACK's results.
 
-:class:`ForwardRecord` is one back-propagated forward of the user's model (its inputs and ``dL/df``, the real
-per-example output gradient P0, ALGORITHMS.md section 0); :class:`LayerRecord` is one layer's share of one replayed
-forward; :class:`BackpackLayerStats` turns BackPACK's Kronecker factors and per-example gradients into curvlab's
-conventions (K-FAC eq. K.3, KFC eq. C.4; Martens & Grosse 2015, Grosse & Martens 2016):
+:class:`ForwardRecord` is one back-propagated forward of the user's model (its inputs and ``dL/df``: times ``N``,
+the real per-example output gradient, pitfall P0 of ALGORITHMS.md section 0); :class:`LayerRecord` is one layer's
+share of one replayed forward; :class:`BackpackLayerStats` turns BackPACK's Kronecker factors and per-example
+gradients into curvlab's conventions (K-FAC eq. K.3, KFC eq. C.4; Martens & Grosse 2015, Grosse & Martens 2016):
 
 * ``A = (1/N) sum_{n,t} abar abar^T`` with the homogeneous bias row ``[[A_bp, s], [s^T, T]]``,
   ``s = (1/N) sum_{n,t} a_{n,t}`` from the replay's layer inputs (BackPACK gives no bias row);
-* ``G`` from the back-propagated square root ``S`` rescaled by ``sqrt(N)`` (and ``sqrt(M)``, weight ``1/M``, for
-  ``M`` MC samples), divided by the ``T`` locations of a Conv2d;
+* ``G`` and the output rows from BackPACK's back-propagated square root ``S``, which carries ``1/sqrt(N)`` (mean
+  reduction) and ``1/sqrt(M)`` (``M`` MC samples): rows ``sqrt(N) S`` (``sqrt(N M) S`` with weight ``1/M`` for
+  mc), a Conv2d's output factor divided by its ``T`` locations;
 * per-example gradients ``N * grad_batch`` (BackPACK's BatchGrad of a mean loss is ``(1/N) grad l_n``);
 * several forwards per step pooled as in the hooks backend: factors weighted by batch size, rows concatenated.
 
