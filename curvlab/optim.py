@@ -36,6 +36,7 @@ from . import rules as _rules  # noqa: F401
 from . import scalings as _scalings  # noqa: F401
 from .adapters import UnsupportedLayer, find_adapter
 from .capture import HookCapture, is_paused
+from .checkpoint import check_entry, curvlab_entry, restore_entry
 from .damping import attach_adaptive
 from .distributed import DataParallel
 from .divergence import SkipStreak, check_closure_loss, nonfinite_units
@@ -374,56 +375,19 @@ class CurvlabOptimizer(torch.optim.Optimizer):
         n = self.names
         return f"CurvlabOptimizer(estimator={n['estimator']!r}, rule={n['rule']!r}, scaling={n['scaling']!r})"
 
-    # -- checkpoints -----------------------------------------------------------------------------------
+    # -- checkpoints (curvlab.checkpoint) ---------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
-        sd["curvlab"] = {
-            "names": dict(self.names),
-            "step": self._t,
-            "shapes": {u.name: [tuple(p.shape) for p in u.params] for u in self.units},
-            "skipped_steps": self.skipped_steps,
-            "curvature": {u.name: u.curvature.state_dict() for u in self.units if u.preconditioned},
-            "capture": self.capture.state_dict() if self.capture else {},
-            "damping_history": list(self.damping_history),
-            "gamma_history": list(self.gamma_history),
-            "refresh_next": self.refresh_next,
-            **({"damping_pending": self.lm.state_dict()} if self.lm is not None and self.lm.held_out else {}),
-            **({"gamma_pending": self.gamma.state_dict()} if self.gamma is not None and self.gamma.held_out else {}),
-        }
+        sd["curvlab"] = curvlab_entry(self)
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
         extra = state_dict.pop("curvlab", None)
-        if extra is None:
-            raise ValueError("not a curvlab optimizer checkpoint (no 'curvlab' entry)")
-        if extra["names"] != self.names:
-            raise ValueError(f"checkpoint was written by {extra['names']}, this optimizer is {self.names}")
-        mine = {u.name for u in self.units if u.preconditioned}
-        if set(extra["curvature"]) != mine:
-            raise ValueError(f"checkpoint layers {sorted(extra['curvature'])} do not match the model's {sorted(mine)}")
-        mine_shapes = {u.name: [tuple(p.shape) for p in u.params] for u in self.units}
-        theirs = {k: [tuple(s) for s in v] for k, v in extra.get("shapes", mine_shapes).items()}
-        wrong = sorted(k for k in set(theirs) | set(mine_shapes) if theirs.get(k) != mine_shapes.get(k))
-        if wrong:
-            raise ValueError(f"checkpoint parameter shapes do not match the model in {wrong[:4]}: checkpoint "
-                             f"{[theirs.get(k) for k in wrong[:4]]}, model {[mine_shapes.get(k) for k in wrong[:4]]}; "
-                             "load it into the model it was saved from")
+        check_entry(self, extra)
         super().load_state_dict(state_dict)
         self._bind_groups()
-        self._t, self.skipped_steps = extra["step"], extra["skipped_steps"]
-        self.damping_history[:] = extra.get("damping_history", [])
-        self.gamma_history[:] = extra.get("gamma_history", [])
-        self.refresh_next = bool(extra.get("refresh_next", False))
-        if self.lm is not None:
-            self.lm.load_state_dict(extra.get("damping_pending"))
-        if self.gamma is not None:
-            self.gamma.load_state_dict(extra.get("gamma_pending"))
-        for unit in self.units:
-            if unit.preconditioned:
-                unit.curvature.load_state_dict(extra["curvature"][unit.name])
-        if self.capture:
-            self.capture.load_state_dict(extra["capture"])
+        restore_entry(self, extra)
 
 
 def optimizer(model: nn.Module, estimator: str = "kfac", rule: str = "natural", scaling: str = "standard",
