@@ -156,3 +156,24 @@ def test_zero_average_gradient_gives_a_zero_step_in_float32():
     terms = fop_terms(unit, g, [-t for t in g])
     assert (terms.s, terms.beta, terms.eta) == (0.0, 0.0, 1.0)
     assert all(bool((d == 0).all()) for d in terms.direction)
+
+
+@pytest.mark.parametrize("shape", [(11, 5), (7, 3, 5)], ids=["rows", "sequence"])
+def test_sub_batch_grads_without_the_homogeneous_copy(shape):
+    """The half-batch gradients from the raw inputs (``g^T x`` and the bias column ``g^T 1``) equal the product with
+    the homogeneous rows ``g^T [x 1]`` (what they were computed from before), odd batch, one or several rows each."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 4))
+    opt = curvlab.optimizer(model, "kfac", "fop", damping=0.05, fisher="empirical")
+    x = torch.randn(*shape)
+    F.mse_loss(model(x), torch.zeros(*shape[:-1], 4)).backward()
+    stats = opt._collect_stats()
+    for unit in opt.units:
+        st = stats[unit.name]
+        fast = st.sub_batch_grads()
+        assert st._raw_inputs is not None and "_inputs" not in st.__dict__     # the raw path was taken
+        (g, _), = st.output_rows("real")
+        a, n = st.input_rows(), shape[0]
+        for got, sl in zip(fast, (slice(0, (n + 1) // 2), slice((n + 1) // 2, n))):
+            want = g[sl].reshape(-1, g.shape[-1]).T @ a[sl].reshape(-1, a.shape[-1]) / g[sl].shape[0]
+            assert_close(got, want, rtol=1e-12, atol=1e-15, what=f"half-batch gradient of {unit.name}")
