@@ -50,8 +50,8 @@ def model_and_batch(seed=0, norm=True):
 def prepared(estimator, **hyper):
     model, x, y = model_and_batch(norm=hyper.get("fop_metric") != "damped")
     fisher = "empirical" if estimator == "miniblock" else "type2"
-    opt = curvlab.optimizer(model, estimator, "fop", damping=0.05, fisher=fisher, ema_decay=0.0,
-                            weight_decay=0.01, **hyper)
+    hyper = {"weight_decay": 0.01, **hyper}
+    opt = curvlab.optimizer(model, estimator, "fop", damping=0.05, fisher=fisher, ema_decay=0.0, **hyper)
     F.cross_entropy(model(x), y).backward()
     stats = opt._collect_stats()
     assert opt._accumulate(stats)
@@ -93,7 +93,7 @@ def assert_matches(opt, dirs, ref):
             assert diag[key] == pytest.approx(value, rel=1e-11, abs=1e-13), (unit.name, key)
 
 
-CASES = [("kfac", {}), ("kfac", {"fop_metric": "damped"}), ("kfac", {"fop_gtot": "sum"}),
+CASES = [("kfac", {}), ("kfac", {"weight_decay": 0.0}), ("kfac", {"fop_metric": "damped"}), ("kfac", {"fop_gtot": "sum"}),
          ("kfac", {"damping_style": "exact"}), ("isaac", {"fop_metric": "damped"}), ("ekfac", {}),
          ("shampoo", {}), ("miniblock", {}), ("identity", {})]
 
@@ -125,12 +125,12 @@ class Halves:
         self.halves = halves
 
     def fop_halves(self, units, stats):
-        return self.halves
+        return {name: (a.clone(), b.clone()) for name, (a, b) in self.halves.items()}    # new each step, as there
 
 
-@pytest.mark.parametrize("estimator", ["kfac", "shampoo"])
-def test_data_parallel_halves_take_the_same_path(estimator):
-    opt, stats = prepared(estimator)
+@pytest.mark.parametrize("estimator, wd", [("kfac", 0.0), ("kfac", 0.01), ("shampoo", 0.01)])
+def test_data_parallel_halves_take_the_same_path(estimator, wd):
+    opt, stats = prepared(estimator, weight_decay=wd)
     halves = {}
     for unit in opt.units:                        # halves unlike the single-process split (another weighting)
         m1, m2 = stats[unit.name].sub_batch_grads()

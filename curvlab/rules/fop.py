@@ -74,7 +74,8 @@ def _dot(xs: Vec, ys: Vec) -> torch.Tensor:
     return total
 
 
-def _fop(g1: Vec, g2: Vec, mv, solve, gtot: str, tau: float) -> tuple[Vec, Vec, Vec, Vec, torch.Tensor, Vec]:
+def _fop(g1: Vec, g2: Vec, mv, solve, gtot: str, tau: float,
+         reuse: bool = False) -> tuple[Vec, Vec, Vec, Vec, torch.Tensor, Vec]:
     """(F.1)-(F.7) on vectors held as tensor lists (a unit's parameter-shaped tensors, or its one matrix view);
     ``mv`` / ``solve`` map such a list to another. Returns ``(g_avg, g_perp, M^-1 g_avg, M^-1 g_perp, [s, beta*,
     eta*], direction)`` with the scalars as ONE 1-d tensor: nothing here waits for the device (no host sync),
@@ -82,14 +83,19 @@ def _fop(g1: Vec, g2: Vec, mv, solve, gtot: str, tau: float) -> tuple[Vec, Vec, 
 
     The scalars of (F.6) come from the inner products of (F.4) by bilinearity (no ``g_comb`` is formed):
     ``<g_avg, M^-1 g_comb> = A + beta* D``, ``<g_comb, M^-1 g_comb> = A + beta* D + beta* (<g_perp, M^-1 g_avg>
-    + beta* E)`` with ``A = <g_avg, M^-1 g_avg>``; ``g_tot = g1 + g2 = 2 g_avg`` exactly in floating point."""
-    ga = [torch.add(a, b).mul_(0.5) for a, b in zip(g1, g2)]                              # (F.1)
+    + beta* E)`` with ``A = <g_avg, M^-1 g_avg>``; ``g_tot = g1 + g2 = 2 g_avg`` exactly in floating point.
+
+    ``reuse=True`` (the caller owns ``g1`` and ``g2`` and reads them no more): ``g_avg`` and ``g_perp`` are written
+    over ``g1`` and ``g2``, the direction over ``M^-1 g_avg`` when ``solve`` returned new memory. Same arithmetic,
+    three fewer large temporaries per unit (on CPU each fresh one is page-faulted in again, step after step)."""
     gd = [a - b for a, b in zip(g1, g2)]
+    ga = [(a.add_(b) if reuse else torch.add(a, b)).mul_(0.5) for a, b in zip(g1, g2)]    # (F.1)
     fga = mv(ga)
     quad, cross = _dot(ga, fga), _dot(gd, fga)
     tiny = 1e-300 if quad.dtype == torch.float64 else torch.finfo(quad.dtype).tiny
     s = cross / (quad + (quad.abs() * 1e-12 + tiny))                                     # (F.2)
-    gp = [torch.addcmul(d, a, s, value=-1.0) for d, a in zip(gd, ga)]                    # (F.3)
+    gp = [torch.addcmul(d, a, s, value=-1.0, out=b) if reuse else torch.addcmul(d, a, s, value=-1.0)
+          for d, a, b in zip(gd, ga, g2)]                                                   # (F.3)
     pa, pp = solve(ga), solve(gp)
     a_, d_, e_, f_ = torch.stack([_dot(ga, pa), _dot(ga, pp), _dot(gp, pp), _dot(gp, pa)]).unbind()    # (F.4)
     zero = torch.zeros_like(e_)
@@ -99,7 +105,9 @@ def _fop(g1: Vec, g2: Vec, mv, solve, gtot: str, tau: float) -> tuple[Vec, Vec, 
     if gtot != "avg":
         num = 2.0 * num
     eta = torch.where(denom > 0, num / torch.where(denom > 0, denom, 1.0), zero + 1.0)    # (F.6)
-    direction = [torch.addcmul(x, y, beta).mul_(eta) for x, y in zip(pa, pp)]             # (F.5), (F.7)
+    taken = {t.untyped_storage().data_ptr() for t in (*ga, *gd, *gp, *pp)}
+    direction = [(x.addcmul_(y, beta) if reuse and x.untyped_storage().data_ptr() not in taken
+                  else torch.addcmul(x, y, beta)).mul_(eta) for x, y in zip(pa, pp)]       # (F.5), (F.7)
     return ga, gp, pa, pp, torch.stack([s, beta, eta]), direction
 
 
@@ -114,13 +122,14 @@ def fop_terms(unit: Unit, g1: list[torch.Tensor], g2: list[torch.Tensor], gtot: 
 
 
 def fop_matrix(unit: Unit, m1: torch.Tensor, m2: torch.Tensor, gtot: str = "avg", tau: float = 1e-10,
-               metric: str = "undamped") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               metric: str = "undamped", reuse: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`fop_terms` on the matrix view of a :attr:`~curvlab.units.Unit.matrix_native` unit: ``(g_avg,
     direction, [s, beta*, eta*])`` as matrices and one 1-d tensor, with the curvature's ``mv`` / ``solve`` called
-    on the matrices directly (no conversion to and from parameter-shaped tensors around each product)."""
+    on the matrices directly (no conversion to and from parameter-shaped tensors around each product). ``reuse``:
+    ``m1`` and ``m2`` are the caller's own temporaries and may be overwritten (:func:`_fop`)."""
     op = "damped_mv" if metric == "damped" else "mv"
     ga, _, _, _, scalars, direction = _fop([m1], [m2], lambda v: [unit.matrix_op(op, v[0])],
-                                           lambda v: [unit.matrix_op("solve", v[0])], gtot, tau)
+                                           lambda v: [unit.matrix_op("solve", v[0])], gtot, tau, reuse)
     return ga[0], direction[0], scalars
 
 
@@ -167,7 +176,8 @@ class FisherOrthogonalProjection(NaturalGradient):
                 if wd and coupled:
                     w = unit.adapter.to_matrix(unit.module, unit.params)
                     m1, m2 = m1.add(w, alpha=wd), m2.add(w, alpha=wd)
-                ga, direction, scalars = fop_matrix(unit, m1, m2, gtot, tau, metric)
+                # the halves are this step's own temporaries (LayerStats / the all-reduce make new ones each step)
+                ga, direction, scalars = fop_matrix(unit, m1, m2, gtot, tau, metric, reuse=True)
                 g_avg = unit.adapter.from_matrix(unit.module, ga)
                 direction = unit.adapter.from_matrix(unit.module, direction)
             else:
