@@ -152,16 +152,17 @@ class KroneckerCurvature(Curvature):
         return qg @ ((qg.T @ mat @ qa) / denom.clamp_min(tiny)) @ qa.T
 
     def _kron_product(self, left: torch.Tensor, mat: torch.Tensor, right: torch.Tensor, key: str) -> torch.Tensor:
-        """``left @ mat @ right`` with ``right`` (``d x d``) zero-padded to a multiple of ``PAD`` columns
-        from ``PAD_MIN`` on, and ``mat`` to as many columns: the same product, since the padding rows and columns are
-        zero (``left [V 0] pad(R)`` restricted to the first ``d`` columns is ``left V R``). The point is speed: BLAS
-        runs markedly slower on odd widths such as the ``d_in + 1 = 785`` of a bias-carrying layer (one CPU thread:
-        ``G V A`` 18.0 ms at 785 columns, 12.7 ms padded to 792)."""
+        """``left @ mat @ right`` with ``right`` (``d x d``) zero-padded to a multiple of ``PAD`` columns from
+        ``PAD_MIN`` on: ``left (V pad(R)[:d])`` restricted to its first ``d`` columns is ``left V R``, since the padding
+        columns are zero. The point is speed: BLAS runs markedly slower when the OUTPUT has an odd width such as the
+        ``d_in + 1 = 785`` of a bias-carrying layer (one CPU thread: ``G V A`` 18.0 ms at 785 columns, 12.7 ms padded
+        to 792), not when the inner dimension has it, so the right side goes first and ``V`` needs no padded copy.
+        Returns a view (the first ``d`` columns of the padded product)."""
         padded = self._padded_factor(right, key)
         if padded is None:
             return left @ mat @ right
         d = mat.shape[1]
-        return (left @ (mat @ padded[:d]))[:, :d].contiguous()
+        return (left @ (mat @ padded[:d]))[:, :d]          # a view: the first d columns of the padded product
 
     def _padded_factor(self, factor: torch.Tensor, key: str) -> torch.Tensor | None:
         """``factor`` zero-padded to a multiple of ``PAD`` columns, or ``None`` when it needs none. Cached per

@@ -128,8 +128,10 @@ def fop_matrix(unit: Unit, m1: torch.Tensor, m2: torch.Tensor, gtot: str = "avg"
     on the matrices directly (no conversion to and from parameter-shaped tensors around each product). ``reuse``:
     ``m1`` and ``m2`` are the caller's own temporaries and may be overwritten (:func:`_fop`)."""
     op = "damped_mv" if metric == "damped" else "mv"
-    ga, _, _, _, scalars, direction = _fop([m1], [m2], lambda v: [unit.matrix_op(op, v[0])],
-                                           lambda v: [unit.matrix_op("solve", v[0])], gtot, tau, reuse)
+    def apply(name: str):          # contiguous results: the inner products are then single BLAS dots
+        return lambda v: [unit.matrix_op(name, v[0]).contiguous()]
+
+    ga, _, _, _, scalars, direction = _fop([m1], [m2], apply(op), apply("solve"), gtot, tau, reuse)
     return ga[0], direction[0], scalars
 
 
