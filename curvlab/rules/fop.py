@@ -85,9 +85,10 @@ def _fop(g1: Vec, g2: Vec, mv, solve, gtot: str, tau: float,
     ``<g_avg, M^-1 g_comb> = A + beta* D``, ``<g_comb, M^-1 g_comb> = A + beta* D + beta* (<g_perp, M^-1 g_avg>
     + beta* E)`` with ``A = <g_avg, M^-1 g_avg>``; ``g_tot = g1 + g2 = 2 g_avg`` exactly in floating point.
 
-    ``reuse=True`` (the caller owns ``g1`` and ``g2`` and reads them no more): ``g_avg`` and ``g_perp`` are written
-    over ``g1`` and ``g2``, the direction over ``M^-1 g_avg`` when ``solve`` returned new memory. Same arithmetic,
-    three fewer large temporaries per unit (on CPU each fresh one is page-faulted in again, step after step)."""
+    ``reuse=True`` (the caller owns ``g1`` and ``g2`` and reads them no more; no autograd): ``g_avg`` and ``g_perp``
+    are written over ``g1`` and ``g2``, the direction over ``g_diff`` (dead once ``g_perp`` is formed). Same
+    arithmetic, three fewer large temporaries per unit (on CPU each fresh one is page-faulted in again, step after
+    step). ``M^-1 g_avg`` is never written: a ``solve`` may return its input or memory it keeps."""
     gd = [a - b for a, b in zip(g1, g2)]
     ga = [(a.add_(b) if reuse else torch.add(a, b)).mul_(0.5) for a, b in zip(g1, g2)]    # (F.1)
     fga = mv(ga)
@@ -105,9 +106,8 @@ def _fop(g1: Vec, g2: Vec, mv, solve, gtot: str, tau: float,
     if gtot != "avg":
         num = 2.0 * num
     eta = torch.where(denom > 0, num / torch.where(denom > 0, denom, 1.0), zero + 1.0)    # (F.6)
-    taken = {t.untyped_storage().data_ptr() for t in (*ga, *gd, *gp, *pp)}
-    direction = [(x.addcmul_(y, beta) if reuse and x.untyped_storage().data_ptr() not in taken
-                  else torch.addcmul(x, y, beta)).mul_(eta) for x, y in zip(pa, pp)]       # (F.5), (F.7)
+    direction = [(torch.addcmul(x, y, beta, out=d) if reuse else torch.addcmul(x, y, beta)).mul_(eta)
+                 for x, y, d in zip(pa, pp, gd)]                                           # (F.5), (F.7)
     return ga, gp, pa, pp, torch.stack([s, beta, eta]), direction
 
 
