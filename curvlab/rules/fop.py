@@ -152,15 +152,27 @@ class FisherOrthogonalProjection(NaturalGradient):
 
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__(config)
-        self.last_diagnostics: dict[str, dict[str, float]] = {}
+        self._diagnostics: dict[str, dict[str, float]] = {}
+        self._pending: list[tuple[str, torch.Tensor]] = []
+
+    @property
+    def last_diagnostics(self) -> dict[str, dict[str, float]]:
+        """``{unit: {"s", "beta", "eta"}}`` of the last step, as floats. Read on demand: the step itself never waits
+        for the device; the first read after a step takes every unit's scalars in one transfer."""
+        if self._pending:
+            device = self._pending[0][1].device        # (units on several devices: gathered on the first one's)
+            values = torch.stack([v.to(device, torch.float64) for _, v in self._pending]).tolist()
+            self._diagnostics = {name: dict(zip(("s", "beta", "eta"), v))
+                                 for (name, _), v in zip(self._pending, values)}
+            self._pending = []
+        return self._diagnostics
 
     def directions(self, units: list[Unit], stats: dict[str, LayerStats]):
         out = []
         coupled = self.config["weight_decay_style"] == "coupled"
-        self.last_diagnostics = {}
+        self._diagnostics, self._pending = {}, []
         dist = getattr(self, "dist", None)            # curvlab.distributed: even / odd ranks are the two halves
         halves = dist.fop_halves(units, stats) if dist is not None else None
-        named: list[tuple[str, torch.Tensor]] = []
         for unit in units:
             grads = unit.grads()
             if grads is None:
@@ -190,9 +202,6 @@ class FisherOrthogonalProjection(NaturalGradient):
                     g2 = [g.add(p, alpha=wd) for g, p in zip(g2, unit.params)]
                 mv = unit.damped_mv if metric == "damped" else unit.mv
                 g_avg, _, _, _, scalars, direction = _fop(g1, g2, mv, unit.solve, gtot, tau)
-            named.append((unit.name, scalars))
+            self._pending.append((unit.name, scalars))
             out.append((unit, g_avg, direction))
-        if named:                                      # one host sync per step for every unit's diagnostics
-            values = torch.stack([v.to(torch.float64) for _, v in named]).tolist()
-            self.last_diagnostics = {name: dict(zip(("s", "beta", "eta"), v)) for (name, _), v in zip(named, values)}
         return out
