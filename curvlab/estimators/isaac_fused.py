@@ -128,7 +128,7 @@ class FusedIsaacCurvature(Curvature):
             # on the R x R inverse, the smallest operand.
             k = torch.addmm(self._eye(rows, xc), xc, xc.T, beta=lam, alpha=1.0 / b)
             chol, info = torch.linalg.cholesky_ex(k)
-            if int(info) == 0 and bool(torch.isfinite(chol.diagonal()).all()):
+            if bool(torch.isfinite(chol.diagonal()).all() & (info == 0)):        # one host sync
                 inv = torch.cholesky_inverse(chol).mul_(lam)
             else:
                 kind, mat = _spd_factor(k, f"{self.name} (isaac fused woodbury)", self.events)
