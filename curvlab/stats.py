@@ -147,16 +147,21 @@ class LayerStats:
         Halves are ``n < ceil(N/2)`` and the rest; the batch needs at least 2 examples.
         """
         (g, _), = self.output_rows("real")
-        a = self.input_rows()
-        n = a.shape[0]
+        n = g.shape[0]
         if n < 2:
             raise ValueError(f"layer {self.name!r}: sub-batch gradients need a batch of at least 2 examples")
         half = (n + 1) // 2
         if getattr(self.adapter, "elementwise", False):
             pe = self.example_grads(g)
             return pe[:half].mean(0), pe[half:].mean(0)
+        raw = self._raw_inputs                 # [x 1] blockwise: g^T x, then the bias column g^T 1 (no [x 1] copy)
+        a = raw if raw is not None else self.input_rows()
         out = []
         for sl in (slice(0, half), slice(half, n)):
             gs, xs = g[sl], a[sl]
-            out.append(gs.reshape(-1, gs.shape[-1]).T @ xs.reshape(-1, xs.shape[-1]) / gs.shape[0])
+            gs2 = gs.reshape(-1, gs.shape[-1])
+            m = gs2.T @ xs.reshape(-1, xs.shape[-1])
+            if raw is not None:
+                m = torch.cat([m, gs2.sum(0).unsqueeze(1)], dim=1)
+            out.append(m.div_(gs.shape[0]))
         return out[0], out[1]

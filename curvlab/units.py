@@ -95,6 +95,24 @@ class Unit:
             out = getattr(curv, op)(mat)
             return [t.to(p.dtype) for t, p in zip(adapter.from_matrix(self.module, out), self.params)]
 
+    @property
+    def matrix_native(self) -> bool:
+        """Active, and every parameter is in the curvature's dtype: a rule may then work on the adapter's matrix
+        view throughout (:meth:`matrix_op`; from the matrix to parameter-shaped views with no conversion)."""
+        return self.active and all(p.dtype == self.curvature.dtype for p in self.params)
+
+    def matrix_op(self, op: str, mat: torch.Tensor) -> torch.Tensor:
+        """The curvature's ``op`` (``"solve"``, ``"mv"``, ``"damped_mv"``) on a matrix-view tensor in the curvature's
+        dtype, timed as preconditioning: what :meth:`solve` / :meth:`mv` / :meth:`damped_mv` do without the
+        conversions from and to parameter-shaped tensors. Active units only."""
+        curv = self.curvature
+        if not self.active:
+            raise ValueError(f"unit {self.name!r} has no curvature on this step; use solve / mv on its tensors")
+        if op == "damped_mv" and not hasattr(curv, "damped_mv"):
+            raise ValueError(self._no_damped_mv())
+        with section(active(), "precondition"):
+            return getattr(curv, op)(mat)
+
     def solve(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """Damped inverse curvature times ``tensors`` (parameter-shaped); identity for fallback units."""
         if self.curvature is not None and self.curvature.passthrough:
@@ -108,9 +126,12 @@ class Unit:
     def damped_mv(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """The damped matrix that :meth:`solve` inverts, times ``tensors`` (curvatures with ``damped_mv``)."""
         if self.active and not hasattr(self.curvature, "damped_mv"):
-            raise ValueError(f"unit {self.name!r}: {type(self.curvature).__name__} has no damped_mv (the damped "
-                             "matrix its solve inverts; K-FAC and ISAAC have one); use fop_metric='undamped'")
+            raise ValueError(self._no_damped_mv())
         return self._apply("damped_mv", tensors)
+
+    def _no_damped_mv(self) -> str:
+        return (f"unit {self.name!r}: {type(self.curvature).__name__} has no damped_mv (the damped matrix its solve "
+                "inverts; K-FAC and ISAAC have one); use fop_metric='undamped'")
 
 
 def inner(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> torch.Tensor:

@@ -58,3 +58,38 @@ def test_fused_rejections_and_unfuse():
     assert "forward" in vars(model[0])
     unfuse(model[0])
     assert "forward" not in vars(model[0])
+
+
+@pytest.mark.parametrize("how", ["info", "non-finite diagonal"])
+def test_fused_woodbury_failed_cholesky_falls_back(monkeypatch, how):
+    """A failed float32 Cholesky inside backward -- reported by LAPACK's ``info``, or a factor with a non-finite
+    diagonal entry and ``info`` 0 (what the check reads) -- goes through curvlab.linalg's ladder (float64 retry), is
+    reported, and the step is still the fused ISAAC step."""
+    def run():
+        model = _mlp()
+        opt = curvlab.optimizer(model, "isaac", isaac_fused=True, lr=0.3, damping=0.7, momentum=0.0)
+        gen = torch.Generator().manual_seed(2)
+        x, y = torch.randn(6, 12, generator=gen), torch.randint(0, 4, (6,), generator=gen)   # 6 rows: woodbury
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        return model, opt
+
+    good, _ = run()
+    real = torch.linalg.cholesky_ex
+
+    def failing(m, *a, **k):
+        chol, info = real(m, *a, **k)
+        if m.dtype != torch.float32:
+            return chol, info
+        if how == "info":
+            return chol, torch.ones_like(info)
+        chol = chol.clone()
+        chol[-1, -1] = float("nan")
+        return chol, info
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", failing)
+    got, opt = run()
+    assert {u.curvature.last_branch for u in opt.units if u.preconditioned} == {"woodbury"}
+    assert any("float64" in str(e) for e in opt.events), f"no numerics event reported: {opt.events}"
+    for (name, p), q in zip(got.named_parameters(), good.parameters()):
+        assert_close(p, q, rtol=1e-5, atol=1e-6, what=f"step after the fallback ({name})")

@@ -169,14 +169,33 @@ def test_kfac_solve_with_the_padded_inverse_equals_the_plain_product():
     opt.refresh()
     curv = opt.units[0].curvature
     inv = curv.inverses
-    assert curv._padded_inverse(inv["A_inv"]).shape == (208, 208)
+    assert curv._padded_factor(inv["A_inv"], "A_inv").shape == (208, 208)
     V = torch.randn(6, 201, generator=torch.Generator().manual_seed(1))
     expected = inv["G_inv"] @ V @ inv["A_inv"]
     # the association (and BLAS blocking with the thread count) differs: entries near 0 get an absolute bound at
     # the float64 rounding of the product's scale
     assert_close(curv.solve(V), expected, rtol=1e-12, atol=1e-13 * float(expected.abs().max()), what="padded solve")
     opt.refresh()                                   # a new inverse: the padded copy follows it
-    assert curv._padded_inverse(curv.inverses["A_inv"])[:201, :201].equal(curv.inverses["A_inv"])
+    assert curv._padded_factor(curv.inverses["A_inv"], "A_inv")[:201, :201].equal(curv.inverses["A_inv"])
+
+
+def test_kfac_mv_with_the_padded_factor_follows_the_in_place_ema():
+    """``mv`` pads ``A`` (201 -> 208 columns) like ``solve`` pads its inverse; the EMA updates ``A`` in place, and the
+    cached padded copy must follow it (keyed on the tensor's version, not only its identity)."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(200, 6), nn.Tanh(), nn.Linear(6, 3))
+    opt = curvlab.optimizer(model, "kfac", fisher="empirical", damping=1e-2, ema_decay=0.9)
+    curv = opt.units[0].curvature
+    V = torch.randn(6, 201, generator=torch.Generator().manual_seed(2))
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        x, y = torch.randn(50, 200, generator=g), torch.randint(0, 3, (50,), generator=g)
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.update_curvature()
+        expected = curv.G @ V @ curv.A
+        assert_close(curv.mv(V), expected, rtol=1e-12, atol=1e-13 * float(expected.abs().max()), what="padded mv")
+        assert curv._padded_factor(curv.A, "A")[:201, :201].equal(curv.A)
 
 
 def test_every_peer_has_a_cost_note():

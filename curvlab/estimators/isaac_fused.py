@@ -112,7 +112,7 @@ class FusedIsaacCurvature(Curvature):
         rows = x.shape[0]
         b = rows if self.config["isaac_average"] == "rows" else examples
         dtype = g.dtype
-        xc, gs = x.to(self.dtype), g.to(self.dtype)
+        xc, gs = x.to(self.dtype), g.to(self.dtype)          # no-ops in the curvature's dtype
         branch = self.config["isaac_branch"]
         if branch == "auto":
             branch = "woodbury" if rows < xc.shape[1] else "direct"
@@ -123,16 +123,18 @@ class FusedIsaacCurvature(Curvature):
             # inverse from the factor is cheap (R^3) and turns the solve with n right-hand sides into one GEMM
             # (cholesky_solve on a row-major (R, n) copies and is ~20x slower). zeta* = lambda G^T K^-1 X is
             # associated as (G^T K^-1) X when d_out < n (d_out R^2 instead of n R^2 multiply-adds).
+            # The factor is checked on its diagonal only: a NaN or Inf anywhere in L reaches a later diagonal
+            # entry (L_ii = sqrt(K_ii - sum_k L_ik^2)), and LAPACK reports a NaN pivot in ``info``. ``lambda`` goes
+            # on the R x R inverse, the smallest operand.
             k = torch.addmm(self._eye(rows, xc), xc, xc.T, beta=lam, alpha=1.0 / b)
             chol, info = torch.linalg.cholesky_ex(k)
-            if int(info) == 0 and bool(torch.isfinite(chol).all()):
-                inv = torch.cholesky_inverse(chol)
+            if bool(torch.isfinite(chol.diagonal()).all() & (info == 0)):        # one host sync
+                inv = torch.cholesky_inverse(chol).mul_(lam)
             else:
                 kind, mat = _spd_factor(k, f"{self.name} (isaac fused woodbury)", self.events)
-                inv = torch.cholesky_inverse(mat) if kind == "chol" else mat
-            if gs.shape[1] < xc.shape[1]:
-                return ((gs.T @ inv).mul_(lam) @ xc).to(dtype)
-            return (gs.T @ (inv @ xc).mul_(lam)).to(dtype)
+                inv = (torch.cholesky_inverse(mat) if kind == "chol" else mat) * lam
+            out = (gs.T @ inv) @ xc if gs.shape[1] < xc.shape[1] else gs.T @ (inv @ xc)
+            return out if out.dtype == dtype else out.to(dtype)
         xs = xc / math.sqrt(b)
         factor = _spd_factor(add_diagonal(gram(xs), lam), f"{self.name} (isaac fused direct)", self.events)
         return (_spd_solve(factor, (gs.T @ xc).T).T * lam).to(dtype)

@@ -40,7 +40,7 @@ import torch
 from ..hyper import Option, non_negative, one_of
 from ..registry import register_rule
 from ..stats import LayerStats
-from ..units import Unit, inner
+from ..units import Unit
 from .natural import NaturalGradient
 
 
@@ -58,25 +58,81 @@ class FOPTerms:
     direction: list[torch.Tensor]          # eta* M^-1 g_comb
 
 
+Vec = list[torch.Tensor]
+
+
+def _dot(xs: Vec, ys: Vec) -> torch.Tensor:
+    """``<xs, ys>`` as a 0-d tensor accumulated in float32 or better (as :func:`curvlab.units.inner`), one BLAS
+    dot per contiguous pair (no elementwise product written out)."""
+    dtype = torch.float64 if xs[0].dtype == torch.float64 else torch.float32
+    total = None
+    for x, y in zip(xs, ys):
+        x, y = x.to(dtype), y.to(dtype)
+        v = (torch.dot(x.reshape(-1), y.reshape(-1)) if x.is_contiguous() and y.is_contiguous()
+             else (x * y).sum())
+        total = v if total is None else total + v
+    return total
+
+
+def _fop(g1: Vec, g2: Vec, mv, solve, gtot: str, tau: float,
+         reuse: bool = False) -> tuple[Vec, Vec, Vec, Vec, torch.Tensor, Vec]:
+    """(F.1)-(F.7) on vectors held as tensor lists (a unit's parameter-shaped tensors, or its one matrix view);
+    ``mv`` / ``solve`` map such a list to another. Returns ``(g_avg, g_perp, M^-1 g_avg, M^-1 g_perp, [s, beta*,
+    eta*], direction)`` with the scalars as ONE 1-d tensor: nothing here waits for the device (no host sync),
+    the guards of the module doc are ``torch.where`` selections.
+
+    The scalars of (F.6) come from the inner products of (F.4) by bilinearity (no ``g_comb`` is formed):
+    ``<g_avg, M^-1 g_comb> = A + beta* D``, ``<g_comb, M^-1 g_comb> = A + beta* D + beta* (<g_perp, M^-1 g_avg>
+    + beta* E)`` with ``A = <g_avg, M^-1 g_avg>``; ``g_tot = g1 + g2 = 2 g_avg`` exactly in floating point.
+
+    ``reuse=True`` (the caller owns ``g1`` and ``g2`` and reads them no more; no autograd): ``g_avg`` and ``g_perp``
+    are written over ``g1`` and ``g2``, the direction over ``g_diff`` (dead once ``g_perp`` is formed). Same
+    arithmetic, three fewer large temporaries per unit (on CPU each fresh one is page-faulted in again, step after
+    step). ``M^-1 g_avg`` is never written: a ``solve`` may return its input or memory it keeps."""
+    gd = [a - b for a, b in zip(g1, g2)]
+    ga = [(a.add_(b) if reuse else torch.add(a, b)).mul_(0.5) for a, b in zip(g1, g2)]    # (F.1)
+    fga = mv(ga)
+    quad, cross = _dot(ga, fga), _dot(gd, fga)
+    tiny = 1e-300 if quad.dtype == torch.float64 else torch.finfo(quad.dtype).tiny
+    s = cross / (quad + (quad.abs() * 1e-12 + tiny))                                     # (F.2)
+    gp = [torch.addcmul(d, a, s, value=-1.0, out=b) if reuse else torch.addcmul(d, a, s, value=-1.0)
+          for d, a, b in zip(gd, ga, g2)]                                                   # (F.3)
+    pa, pp = solve(ga), solve(gp)
+    a_, d_, e_, f_ = torch.stack([_dot(ga, pa), _dot(ga, pp), _dot(gp, pp), _dot(gp, pa)]).unbind()    # (F.4)
+    zero = torch.zeros_like(e_)
+    beta = torch.where((e_ > tau * a_.abs()) & (e_ > 0), d_ / torch.where(e_ != 0, e_, 1.0), zero)
+    num = a_ + beta * d_
+    denom = num + beta * (f_ + beta * e_)                                                   # <g_comb, M^-1 g_comb>
+    if gtot != "avg":
+        num = 2.0 * num
+    eta = torch.where(denom > 0, num / torch.where(denom > 0, denom, 1.0), zero + 1.0)    # (F.6)
+    direction = [(torch.addcmul(x, y, beta, out=d) if reuse else torch.addcmul(x, y, beta)).mul_(eta)
+                 for x, y, d in zip(pa, pp, gd)]                                           # (F.5), (F.7)
+    return ga, gp, pa, pp, torch.stack([s, beta, eta]), direction
+
+
 def fop_terms(unit: Unit, g1: list[torch.Tensor], g2: list[torch.Tensor], gtot: str = "avg",
               tau: float = 1e-10, metric: str = "undamped") -> FOPTerms:
-    """FOP (F.1)-(F.7) for one unit from its two half-batch gradients; ``metric``: F of (F.2) (module doc)."""
-    ga = [(a + b) * 0.5 for a, b in zip(g1, g2)]
-    gd = [a - b for a, b in zip(g1, g2)]
-    fga = unit.damped_mv(ga) if metric == "damped" else unit.mv(ga)
-    quad = inner(ga, fga)
-    eps = 1e-12 * abs(float(quad)) + 1e-300
-    s = float(inner(gd, fga) / (quad + eps))
-    gp = [d - s * a for d, a in zip(gd, ga)]
-    pa, pp = unit.solve(ga), unit.solve(gp)
-    a_, d_, e_ = float(inner(ga, pa)), float(inner(ga, pp)), float(inner(gp, pp))
-    beta = d_ / e_ if e_ > tau * abs(a_) and e_ > 0 else 0.0
-    pc = [x + beta * y for x, y in zip(pa, pp)]
-    gc = [x + beta * y for x, y in zip(ga, gp)]
-    target = ga if gtot == "avg" else [a + b for a, b in zip(g1, g2)]
-    denom = float(inner(gc, pc))
-    eta = float(inner(target, pc)) / denom if denom > 0 else 1.0
-    return FOPTerms(ga, gp, pa, pp, s, beta, eta, [eta * x for x in pc])
+    """FOP (F.1)-(F.7) for one unit from its two parameter-shaped half-batch gradients; ``metric``: F of (F.2)
+    (module doc). The rule itself runs the same arithmetic on the matrix view (:func:`fop_matrix`)."""
+    mv = unit.damped_mv if metric == "damped" else unit.mv
+    ga, gp, pa, pp, scalars, direction = _fop(list(g1), list(g2), mv, unit.solve, gtot, tau)
+    s, beta, eta = scalars.tolist()
+    return FOPTerms(ga, gp, pa, pp, s, beta, eta, direction)
+
+
+def fop_matrix(unit: Unit, m1: torch.Tensor, m2: torch.Tensor, gtot: str = "avg", tau: float = 1e-10,
+               metric: str = "undamped", reuse: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`fop_terms` on the matrix view of a :attr:`~curvlab.units.Unit.matrix_native` unit: ``(g_avg,
+    direction, [s, beta*, eta*])`` as matrices and one 1-d tensor, with the curvature's ``mv`` / ``solve`` called
+    on the matrices directly (no conversion to and from parameter-shaped tensors around each product). ``reuse``:
+    ``m1`` and ``m2`` are the caller's own temporaries and may be overwritten (:func:`_fop`)."""
+    op = "damped_mv" if metric == "damped" else "mv"
+    def apply(name: str):          # contiguous results: the inner products are then single BLAS dots
+        return lambda v: [unit.matrix_op(name, v[0]).contiguous()]
+
+    ga, _, _, _, scalars, direction = _fop([m1], [m2], apply(op), apply("solve"), gtot, tau, reuse)
+    return ga[0], direction[0], scalars
 
 
 @register_rule("fop")
@@ -96,12 +152,25 @@ class FisherOrthogonalProjection(NaturalGradient):
 
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__(config)
-        self.last_diagnostics: dict[str, dict[str, float]] = {}
+        self._diagnostics: dict[str, dict[str, float]] = {}
+        self._pending: list[tuple[str, torch.Tensor]] = []
+
+    @property
+    def last_diagnostics(self) -> dict[str, dict[str, float]]:
+        """``{unit: {"s", "beta", "eta"}}`` of the last step, as floats. Read on demand: the step itself never waits
+        for the device; the first read after a step takes every unit's scalars in one transfer."""
+        if self._pending:
+            device = self._pending[0][1].device        # (units on several devices: gathered on the first one's)
+            values = torch.stack([v.to(device, torch.float64) for _, v in self._pending]).tolist()
+            self._diagnostics = {name: dict(zip(("s", "beta", "eta"), v))
+                                 for (name, _), v in zip(self._pending, values)}
+            self._pending = []
+        return self._diagnostics
 
     def directions(self, units: list[Unit], stats: dict[str, LayerStats]):
         out = []
         coupled = self.config["weight_decay_style"] == "coupled"
-        self.last_diagnostics = {}
+        self._diagnostics, self._pending = {}, []
         dist = getattr(self, "dist", None)            # curvlab.distributed: even / odd ranks are the two halves
         halves = dist.fop_halves(units, stats) if dist is not None else None
         for unit in units:
@@ -115,12 +184,24 @@ class FisherOrthogonalProjection(NaturalGradient):
                 out.append((unit, grads, grads))
                 continue
             m1, m2 = halves[unit.name] if halves is not None else stats[unit.name].sub_batch_grads()
-            g1 = [t.to(p.dtype) for t, p in zip(unit.adapter.from_matrix(unit.module, m1), unit.params)]
-            g2 = [t.to(p.dtype) for t, p in zip(unit.adapter.from_matrix(unit.module, m2), unit.params)]
-            if wd and coupled:
-                g1 = [g.add(p, alpha=wd) for g, p in zip(g1, unit.params)]
-                g2 = [g.add(p, alpha=wd) for g, p in zip(g2, unit.params)]
-            terms = fop_terms(unit, g1, g2, self.config["fop_gtot"], self.config["fop_tau"], self.config["fop_metric"])
-            self.last_diagnostics[unit.name] = {"s": terms.s, "beta": terms.beta, "eta": terms.eta}
-            out.append((unit, terms.g_avg, terms.direction))
+            gtot, tau, metric = self.config["fop_gtot"], self.config["fop_tau"], self.config["fop_metric"]
+            if unit.matrix_native:                     # the matrix view throughout (same arithmetic)
+                m1, m2 = m1.to(unit.curvature.dtype), m2.to(unit.curvature.dtype)
+                if wd and coupled:
+                    w = unit.adapter.to_matrix(unit.module, unit.params)
+                    m1, m2 = m1.add(w, alpha=wd), m2.add(w, alpha=wd)
+                # the halves are this step's own temporaries (LayerStats / the all-reduce make new ones each step)
+                ga, direction, scalars = fop_matrix(unit, m1, m2, gtot, tau, metric, reuse=True)
+                g_avg = unit.adapter.from_matrix(unit.module, ga)
+                direction = unit.adapter.from_matrix(unit.module, direction)
+            else:
+                g1 = [t.to(p.dtype) for t, p in zip(unit.adapter.from_matrix(unit.module, m1), unit.params)]
+                g2 = [t.to(p.dtype) for t, p in zip(unit.adapter.from_matrix(unit.module, m2), unit.params)]
+                if wd and coupled:
+                    g1 = [g.add(p, alpha=wd) for g, p in zip(g1, unit.params)]
+                    g2 = [g.add(p, alpha=wd) for g, p in zip(g2, unit.params)]
+                mv = unit.damped_mv if metric == "damped" else unit.mv
+                g_avg, _, _, _, scalars, direction = _fop(g1, g2, mv, unit.solve, gtot, tau)
+            self._pending.append((unit.name, scalars))
+            out.append((unit, g_avg, direction))
         return out
