@@ -9,6 +9,7 @@ steps, whether ``curvlab.Diverged`` stopped the run, and the wall time.
     python analysis/defaults.py --digits --out out/defaults    # digits, 3 epochs: the full cross product that
                                                                # tests/test_defaults_train.py samples, plus muP
     python analysis/defaults.py --digits --set all --plugins   # README "The result": the three digits sets
+    python analysis/defaults.py --digits --set all --plugins --estimators miniblock --what-if miniblock:kl_clip=3e-4
 
 On digits, ``--set`` picks the models (README "Defaults", "The result"): ``test`` (the four of
 tests/test_defaults_train.py, the default), ``first`` (those four and two more), ``second`` (seven more models and
@@ -23,6 +24,7 @@ batches (the test suite). Writes ``defaults.json`` (or ``defaults_digits[_SET].j
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -165,7 +167,18 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--estimators", default=None, help="comma-separated subset")
     p.add_argument("--rules", default=None, help="comma-separated subset")
     p.add_argument("--scalings", default=None, help="comma-separated (default: standard; --digits: standard, mup)")
+    p.add_argument("--what-if", action="append", default=[], metavar="EST:KEY=VALUE",
+                   help="measure a candidate default: set the estimator's declared default KEY to VALUE (JSON) for "
+                        "this run, e.g. miniblock:kl_clip=3e-4 (repeatable)")
     args = p.parse_args(argv)
+    for spec in args.what_if:
+        est, _, assignment = spec.partition(":")
+        key, _, value = assignment.partition("=")
+        if not key or not value or est not in curvlab.ESTIMATORS.names():
+            p.error(f"--what-if {spec!r}: expected ESTIMATOR:KEY=VALUE with a registered estimator "
+                    f"({', '.join(curvlab.ESTIMATORS.names())})")
+        cls = curvlab.ESTIMATORS.get(est)
+        cls.defaults = {**cls.defaults, key: json.loads(value)}     # this process only
     warnings.simplefilter("ignore", UserWarning)
     estimators = curvlab.ESTIMATORS.names() if args.plugins else BUILTIN["estimator"]
     rules = curvlab.RULES.names() if args.plugins else BUILTIN["rule"]
