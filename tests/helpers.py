@@ -93,3 +93,15 @@ def load_paper_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def small_tanh_mlp(seed: int = 0) -> torch.nn.Module:
+    """A 5-7-3 tanh MLP (the adaptive-damping tests' model)."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
+
+
+def random_batches(k: int, n: int = 16, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``k`` batches of ``n`` Gaussian 5-d inputs with random labels of 3 classes."""
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(n, 5, generator=g), torch.randint(0, 3, (n,), generator=g)) for _ in range(k)]

@@ -13,20 +13,11 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import curvlab
+from helpers import random_batches as batches
+from helpers import small_tanh_mlp as mlp
 from curvlab.factor_damping import ORDER
-
-
-def mlp(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
-
-
-def batches(k, n=16, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(n, 5, generator=g), torch.randint(0, 3, (n,), generator=g)) for _ in range(k)]
 
 
 def closure_for(opt, model, x, y):
