@@ -61,6 +61,14 @@ def _load(path: str | None, overrides: list[str]) -> dict:
     return apply_overrides(cfg, overrides)
 
 
+def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    """The parsed arguments of a config command and its config overrides: every ``--set KEY=VALUE`` followed by the
+    dotted ``--train.epochs 3`` forms (:func:`parse_overrides`; ``ConfigError`` on a malformed one)."""
+    rest, dotted = parse_overrides(list(sys.argv[1:] if argv is None else argv))
+    args = parser.parse_args(rest)
+    return args, [*args.set, *dotted]
+
+
 def _fail(err: BaseException) -> int:
     print(f"error: {err}", file=sys.stderr)
     return 2
@@ -79,12 +87,11 @@ def run_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true", help="no progress bar, only the final line")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and run id, stop")
     try:
-        rest, dotted = parse_overrides(list(sys.argv[1:] if argv is None else argv))
+        args, overrides = _parse(parser, argv)
     except ConfigError as err:
         return _fail(err)
-    args = parser.parse_args(rest)
     try:
-        cfg = _load(args.config, [*args.set, *dotted])
+        cfg = _load(args.config, overrides)
         if "sweep" in cfg:
             raise ConfigError(f"{args.config} has a [sweep] table: run it with `curvlab sweep {args.config}`")
         resolved = resolve_config(cfg)
@@ -131,16 +138,15 @@ def sweep_main(argv: Sequence[str] | None = None) -> int:
     group.add_argument("--no-wait", action="store_true", help="submitit: return after submitting; run the same "
                        "command again later to collect the results and report")
     try:
-        rest, dotted = parse_overrides(list(sys.argv[1:] if argv is None else argv))
+        args, overrides = _parse(parser, argv)
     except ConfigError as err:
         return _fail(err)
-    args = parser.parse_args(rest)
     from .runner import is_finished
     from .sweep import expand_sweep, run_sweep
 
     out = Path(args.out or Path("sweeps") / Path(args.config).stem)
     try:
-        cfg = _load(args.config, [*args.set, *dotted])
+        cfg = _load(args.config, overrides)
         if args.list:
             for point in expand_sweep(cfg):
                 done = "done" if is_finished(out / "runs" / point.run_id) else "todo"
@@ -228,15 +234,14 @@ def tune_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     _launcher_flags(parser, "launcher (tune.launcher, a table as sweep.launcher): where the workers run")
     try:
-        rest, dotted = parse_overrides(list(sys.argv[1:] if argv is None else argv))
+        args, overrides = _parse(parser, argv)
     except ConfigError as err:
         return _fail(err)
-    args = parser.parse_args(rest)
     from .tune import run_tune
 
     out = Path(args.out or Path("tunes") / Path(args.config).stem)
     try:
-        cfg = _load(args.config, [*args.set, *dotted])
+        cfg = _load(args.config, overrides)
         launcher = _launcher(cfg, args, "tune")
         run_tune(cfg, out, trials=args.trials, workers=args.workers, storage=args.storage,
                  launcher=launcher, quiet=args.quiet)
