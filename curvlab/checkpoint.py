@@ -30,6 +30,7 @@ def curvlab_entry(opt) -> dict[str, Any]:
 
 
 def unit_shapes(opt) -> dict[str, list[tuple[int, ...]]]:
+    """Every unit's parameter shapes (what a checkpoint must match)."""
     return {u.name: [tuple(p.shape) for p in u.params] for u in opt.units}
 
 

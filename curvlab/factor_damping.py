@@ -58,8 +58,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import torch
-
 from .damping import CLOSURE_LOOP, losses_at, predicted_changes, rank_mean
 from .hyper import HyperParameterError
 from .kernels import all_finite
@@ -160,8 +158,8 @@ class FactorDamping:
         for plan in plans[:-1]:
             mine = dict(plan.deltas())
             finite = all_finite(plan.tensors())
-            offsets.append({p: mine.get(p, torch.zeros_like(p)) - keep.get(p, torch.zeros_like(p))
-                            for p in set(mine) | set(keep)} if finite else None)
+            offsets.append({p: mine.get(p, 0.0) - keep.get(p, 0.0) for p in mine.keys() | keep.keys()}
+                           if finite else None)       # a parameter only one plan moves: 0 on the other side
         self.proposed = {"step": self.opt.step_count, "base": base,
                          "candidates": [[self._clamp(b * factors[k]) for b in base] for k in ORDER],
                          "offsets": offsets}
